@@ -1,0 +1,140 @@
+"""The ``engine`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from engine.store import DEFAULT_STORE, Store
+
+
+class Fail(click.ClickException):
+    """An error for a person: printed as one line, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+@click.group()
+@click.option("--store", "store_path", envvar="ENGINE_STORE", default=DEFAULT_STORE, show_default=True,
+              help="store folder (or ENGINE_STORE)")
+@click.pass_context
+def main(ctx: click.Context, store_path: str) -> None:
+    """Curate robust instruction-tuning data for vision-language models."""
+    ctx.obj = store_path
+
+
+def _store(ctx: click.Context) -> Store:
+    return Store(ctx.obj)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--name", help="source name in sample ids (default: cauldron; easy_vqa / sample for those)")
+@click.option("--subset", "subsets", multiple=True, help="hub config / local subset folder (repeatable; default all)")
+@click.option("--split", default="train", show_default=True, help="split to read ('all' for easy_vqa's two)")
+@click.option("--sample-dir", default="data/sample", show_default=True, help="where `ingest sample` writes the sample")
+@click.option("--batch-rows", default=512, show_default=True, help="rows per commit")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.pass_context
+def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, quiet):
+    """Ingest SOURCE: `sample` (bundled, offline), `easy_vqa`, a Parquet/`save_to_disk` folder in the
+    Cauldron schema, or a hub dataset id such as HuggingFaceM4/the_cauldron. Resumes where a killed
+    run stopped."""
+    from engine.ingest import ingest as run_ingest
+    from engine.ingest import ingest_sample, resolve_source
+
+    store = _store(ctx)
+    try:
+        if source == "sample":
+            report = ingest_sample(store, sample_dir, progress=not quiet)
+        else:
+            report = run_ingest(store, resolve_source(source, name, list(subsets) or None, split), batch_rows, progress=not quiet)
+    except (FileNotFoundError, ValueError) as error:
+        raise Fail(str(error)) from None
+    click.echo(f"{report.written} rows written, {report.rejected} rejected, {report.skipped} already present "
+               f"(run {report.run_id}, store {store.root})")
+    for reason, count in sorted(report.reasons.items()):
+        click.echo(f"  rejected: {count} x {reason}")
+    if report.unmapped_subsets:
+        click.echo(f"  warning: subsets without a category in recipes/categories.yaml: {sorted(report.unmapped_subsets)}")
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--seed", default=0, show_default=True)
+def sample(out, seed):
+    """Write the bundled offline sample (Cauldron schema Parquet + annotation captions) to OUT."""
+    from engine.ingest.sample import write_sample
+
+    write_sample(out, seed=seed)
+    click.echo(f"sample written to {out}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override a recipe key, e.g. --set mixture.budget=2000 (repeatable)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.pass_context
+def build(ctx, recipe, overrides, quiet):
+    """Build the mixture a RECIPE describes and publish it (Parquet, HF dataset, manifest.json)."""
+    from engine.recipes import BuildError, RecipeError, load_recipe
+    from engine.recipes import build as run_build
+
+    try:
+        loaded = load_recipe(recipe, overrides)
+        result = run_build(_store(ctx), loaded, progress=not quiet)
+    except (RecipeError, BuildError) as error:
+        raise Fail(str(error)) from None
+    rows = result.manifest["rows"]
+    click.echo(f"{rows['total']} rows ({rows['captioned']} captioned) -> {result.path}")
+    if rows["shortfall"]:
+        click.echo(f"  warning: the store had {rows['shortfall']} rows fewer than the budget {rows['budget']}")
+    width = max(len(c) for c in rows["by_category"]) if rows["by_category"] else 8
+    for category, count in rows["by_category"].items():
+        click.echo(f"  {category:<{width}}  {count:>8}  captioned {rows['captioned_by_category'][category]:>8}")
+    click.echo(f"manifest sha256 {result.manifest_sha256}")
+
+
+@main.command()
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True)
+@click.option("--output", "-o", type=click.Path(), help="write here instead of stdout (required for parquet)")
+@click.option("--max-rows", default=50, show_default=True, help="rows shown by --format table")
+@click.pass_context
+def query(ctx, sql, fmt, output, max_rows):
+    """Run read-only SQL over the store: every table is a view, and `facts` joins samples with the
+    newest interactions, validation and corruption rows."""
+    from engine.query import QueryError, run_query, write_result
+
+    try:
+        result = run_query(_store(ctx), sql)
+        write_result(result, fmt, output, max_rows)
+    except QueryError as error:
+        raise Fail(str(error)) from None
+
+
+@main.command()
+@click.argument("mixture", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["hf", "parquet", "messages"]), default="hf", show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="output folder")
+@click.option("--push", metavar="REPO", help="also push to this hub dataset repo (needs a token and network)")
+def export(mixture, fmt, out, push):
+    """Export a built MIXTURE folder as an HF dataset, Parquet, or TRL-style messages."""
+    from engine.export import ExportError
+    from engine.export import export as run_export
+
+    try:
+        path = run_export(mixture, out, fmt, push)
+    except ExportError as error:
+        raise Fail(str(error)) from None
+    click.echo(f"exported {mixture} as {fmt} -> {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

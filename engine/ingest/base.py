@@ -1,0 +1,184 @@
+"""The shared ingest mechanism: a source yields raw rows; this module checks them, standardises images,
+writes committed batches to ``samples`` (bad rows to ``rejects``, with the reason) and resumes a killed
+run by skipping ids already written."""
+
+from __future__ import annotations
+
+import datetime as dt
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from tqdm.auto import tqdm
+
+from engine.categories import subset_mapping
+from engine.images import ImageError, standardize
+from engine.store import Store, new_run_id
+
+
+@dataclass
+class RawRow:
+    """A row as a source delivers it, before checks.
+
+    ``images`` holds encoded bytes, or Hugging Face image dicts ``{"bytes": ..., "path": ...}``;
+    ``texts`` holds Cauldron turns ``{"user", "assistant", "source"}``.
+    """
+
+    subset: str
+    split: str
+    row: int
+    images: list
+    texts: list
+    label: str | None = None
+
+
+class Source(ABC):
+    """Something rows can be ingested from. Subclasses say what they read and yield ``RawRow``s in a
+    stable order, so that ``{source}:{subset}:{split}:{row}`` names the same row on every run."""
+
+    name: str
+
+    @abstractmethod
+    def rows(self) -> Iterator[RawRow]:
+        """Yield the rows, streaming (never the whole source in memory)."""
+
+    def total(self) -> int | None:
+        """Number of rows, when known cheaply (for the progress bar)."""
+        return None
+
+    def config(self) -> dict:
+        """What the run read, for the ``runs`` table."""
+        return {"source": self.name}
+
+    def sample_id(self, raw: RawRow) -> str:
+        return f"{self.name}:{raw.subset}:{raw.split}:{raw.row}"
+
+
+class RowError(ValueError):
+    """A row that cannot be ingested; the message is its reject reason."""
+
+
+def _image_bytes(item, index: int) -> bytes | None:
+    if isinstance(item, dict):
+        if item.get("bytes"):
+            return item["bytes"]
+        if item.get("path"):
+            try:
+                with open(item["path"], "rb") as handle:
+                    return handle.read()
+            except OSError as error:
+                raise RowError(f"image {index} cannot be read from {item['path']!r} ({error})") from None
+        return None
+    return item
+
+
+def check_row(raw: RawRow) -> dict:
+    """Turn a raw row into the columns of ``samples`` (without ids), or raise ``RowError`` saying why not."""
+    if not raw.images:
+        raise RowError("row has no image")
+    images = []
+    sizes = []
+    for index, item in enumerate(raw.images):
+        try:
+            data, width, height = standardize(_image_bytes(item, index))
+        except ImageError as error:
+            raise RowError(f"image {index}: {error}") from None
+        images.append(data)
+        sizes.append((width, height))
+    if not raw.texts:
+        raise RowError("row has no turns")
+    turns = []
+    for index, turn in enumerate(raw.texts):
+        assistant = (turn or {}).get("assistant")
+        if not isinstance(assistant, str) or not assistant.strip():
+            raise RowError(f"turn {index} has no answer")
+        turns.append({"user": turn.get("user") or "", "assistant": assistant, "source": turn.get("source")})
+    return {
+        "images": images,
+        "turns": turns,
+        "label": raw.label,
+        "width": sizes[0][0],
+        "height": sizes[0][1],
+        "n_images": len(images),
+    }
+
+
+@dataclass
+class IngestReport:
+    run_id: str
+    written: int = 0
+    rejected: int = 0
+    skipped: int = 0
+    unmapped_subsets: set[str] = field(default_factory=set)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def ingest(
+    store: Store, source: Source, batch_rows: int = 512, batch_bytes: int = 256 << 20, progress: bool = True
+) -> IngestReport:
+    """Ingest a source into the store in committed batches.
+
+    Rows whose id is already in ``samples`` or in ``rejects`` (stage ``ingest``) are skipped, so a run
+    killed at any point and started again ends with every row exactly once.
+
+    Parameters
+    ----------
+    batch_rows, batch_bytes
+        A Lance commit happens at whichever comes first: the most work a kill can lose, and the bound
+        on memory.
+    """
+    report = IngestReport(run_id=new_run_id("ingest"))
+    started = dt.datetime.now(dt.timezone.utc)
+    quoted = source.name.replace("'", "''")
+    done = store.ids("samples", f"source = '{quoted}'") | store.ids("rejects", f"source = '{quoted}' AND stage = 'ingest'")
+    mapping = subset_mapping()
+    samples: list[dict] = []
+    rejects: list[dict] = []
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending_bytes
+        pending_bytes = 0
+        # rejects first: if the kill falls between the two commits, the good rows are simply redone
+        if rejects:
+            store.append("rejects", rejects)
+        if samples:
+            store.append("samples", samples)
+        samples.clear()
+        rejects.clear()
+
+    bar = tqdm(source.rows(), total=source.total(), desc=f"ingest {source.name}", unit="row", disable=not progress)
+    for raw in bar:
+        sample_id = source.sample_id(raw)
+        if sample_id in done:
+            report.skipped += 1
+            continue
+        ids = {"sample_id": sample_id, "source": source.name, "subset": raw.subset, "split": raw.split}
+        try:
+            columns = check_row(raw)
+        except RowError as error:
+            rejects.append({**ids, "stage": "ingest", "reason": str(error), "run_id": report.run_id})
+            report.rejected += 1
+            kind = str(error).split(" (")[0]
+            report.reasons[kind] = report.reasons.get(kind, 0) + 1
+        else:
+            info = mapping.get(raw.subset)
+            if info is None:
+                report.unmapped_subsets.add(raw.subset)
+            samples.append(
+                {
+                    **ids,
+                    **columns,
+                    "row": raw.row,
+                    "category": info.category if info else None,
+                    "task_kind": info.task_kind if info else None,
+                    "run_id": report.run_id,
+                }
+            )
+            report.written += 1
+            pending_bytes += sum(len(image) for image in columns["images"])
+        if len(samples) + len(rejects) >= batch_rows or pending_bytes >= batch_bytes:
+            flush()
+    flush()
+    store.compact("samples")
+    store.record_run(report.run_id, "ingest", source.config(), started, report.written)
+    return report

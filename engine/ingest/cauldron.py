@@ -1,0 +1,129 @@
+"""Sources in the Cauldron / FineVision schema: ``images: list[Image]``, ``texts: list[{user, assistant,
+source}]`` (an optional ``label`` column is kept). Read from the hub by dataset id and config(s), from a
+folder of Parquet files (``{subset}/{split}-*.parquet``, as the hub stores them), or from a
+``datasets.save_to_disk`` folder. Everything streams in batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from engine.ingest.base import RawRow, Source
+
+READ_BATCH = 64
+
+
+def _rows_of(batch_rows: list[dict], subset: str, split: str, start: int) -> Iterator[RawRow]:
+    for offset, row in enumerate(batch_rows):
+        yield RawRow(
+            subset=subset,
+            split=split,
+            row=start + offset,
+            images=row.get("images") or [],
+            texts=row.get("texts") or [],
+            label=row.get("label"),
+        )
+
+
+class ParquetFolderSource(Source):
+    """A local folder of Parquet files with the Cauldron features.
+
+    The subset of a file is its first folder under ``root`` (``root/ai2d/train-00000.parquet`` is
+    ``ai2d``), or ``subset`` for files directly in ``root``; its split is the file name's prefix before
+    the first ``-`` when that is a split name, else ``split``.
+    """
+
+    def __init__(self, root: str | Path, name: str = "cauldron", subsets: list[str] | None = None, split: str = "train"):
+        self.root = Path(root)
+        self.name = name
+        self.split = split
+        files = sorted(self.root.rglob("*.parquet")) if self.root.is_dir() else [self.root]
+        self.files = []
+        for path in files:
+            relative = path.relative_to(self.root) if self.root.is_dir() else Path(path.name)
+            subset = relative.parts[0] if len(relative.parts) > 1 else (subsets[0] if subsets else self.root.stem)
+            prefix = path.stem.split("-")[0]
+            file_split = prefix if prefix in ("train", "validation", "test") else split
+            if subsets and subset not in subsets:
+                continue
+            if file_split != split:
+                continue
+            self.files.append((path, subset))
+        if not self.files:
+            raise FileNotFoundError(f"no Parquet files for split {split!r} under {self.root}")
+
+    def total(self) -> int:
+        return sum(pq.ParquetFile(path).metadata.num_rows for path, _ in self.files)
+
+    def config(self) -> dict:
+        return {"source": self.name, "root": str(self.root), "split": self.split, "files": [str(p) for p, _ in self.files]}
+
+    def rows(self) -> Iterator[RawRow]:
+        counters: dict[str, int] = {}
+        for path, subset in self.files:
+            handle = pq.ParquetFile(path)
+            wanted = [c for c in ("images", "texts", "label") if c in handle.schema_arrow.names]
+            missing = {"images", "texts"} - set(wanted)
+            if missing:
+                raise ValueError(f"{path}: not in the Cauldron schema, missing column(s) {sorted(missing)}")
+            for batch in handle.iter_batches(batch_size=READ_BATCH, columns=wanted):
+                start = counters.get(subset, 0)
+                yield from _rows_of(batch.to_pylist(), subset, self.split, start)
+                counters[subset] = start + batch.num_rows
+
+
+class HubSource(Source):
+    """A Hugging Face dataset in the Cauldron schema, by hub id (streamed) or ``save_to_disk`` folder."""
+
+    def __init__(self, location: str, name: str = "cauldron", subsets: list[str] | None = None, split: str = "train"):
+        import datasets
+
+        self.location = location
+        self.name = name
+        self.split = split
+        self.local = Path(location).is_dir()
+        if self.local:
+            self.subsets = subsets or [Path(location).name]
+        else:
+            self.subsets = subsets or datasets.get_dataset_config_names(location)
+
+    def config(self) -> dict:
+        return {"source": self.name, "location": self.location, "subsets": self.subsets, "split": self.split}
+
+    def _open(self, subset: str):
+        import datasets
+
+        if self.local:
+            loaded = datasets.load_from_disk(self.location)
+            dataset = loaded[self.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            dataset = datasets.load_dataset(self.location, subset, split=self.split, streaming=True)
+        if "images" in dataset.features:  # read encoded bytes, decode ourselves (and reject what fails)
+            dataset = dataset.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))
+        return dataset
+
+    def rows(self) -> Iterator[RawRow]:
+        for subset in self.subsets:
+            row = 0
+            for batch in self._open(subset).iter(batch_size=READ_BATCH):
+                columns = list(batch)
+                missing = {"images", "texts"} - set(columns)
+                if missing:
+                    raise ValueError(f"{self.location} [{subset}]: not in the Cauldron schema, missing {sorted(missing)}")
+                records = [dict(zip(columns, values)) for values in zip(*batch.values())]
+                yield from _rows_of(records, subset, self.split, row)
+                row += len(records)
+
+
+def open_source(location: str, name: str = "cauldron", subsets: list[str] | None = None, split: str = "train") -> Source:
+    """Pick the reader for a location: Parquet file/folder, ``save_to_disk`` folder, or hub dataset id."""
+    path = Path(location)
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        return HubSource(location, name, subsets, split)
+    if path.exists():
+        return ParquetFolderSource(path, name, subsets, split)
+    if "/" not in location:
+        raise FileNotFoundError(f"{location!r} is neither a local path nor a hub dataset id (owner/name)")
+    return HubSource(location, name, subsets, split)

@@ -1,0 +1,189 @@
+"""Loading and validating recipes (YAML, checked against ``schemas/recipe.schema.json``).
+
+Every error names the file, the line, the key and what was expected, e.g.
+``recipes/x.yaml:7: mixture.temperature: expected number, got 'hot'``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from engine.paths import SCHEMAS_DIR
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be built: one line naming where and what."""
+
+    def __init__(self, where: str, key: str, message: str):
+        self.where, self.key, self.message = where, key, message
+        super().__init__(f"{where}: {key or '(top level)'}: {message}")
+
+
+@cache
+def recipe_schema() -> dict:
+    return json.loads((SCHEMAS_DIR / "recipe.schema.json").read_text())
+
+
+def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+    """1-based line of every key (and list item) in a composed YAML document."""
+    lines = {prefix: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = prefix + (key.value,)
+            lines.update(_key_lines(value, path))
+            lines[path] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines.update(_key_lines(item, prefix + (index,)))
+    return lines
+
+
+def _dotted(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: ``data`` is the YAML with ``--set`` overrides applied, ``lines`` maps key paths
+    to line numbers (``--set`` keys map to 0)."""
+
+    data: dict
+    path: str
+    lines: dict[tuple, int] = field(default_factory=dict)
+    overridden: set[tuple] = field(default_factory=set)
+
+    def error(self, key_path: tuple | str, message: str) -> RecipeError:
+        path = tuple(key_path.split(".")) if isinstance(key_path, str) else tuple(key_path)
+        if path in self.overridden:
+            where = f"{self.path} (--set)"
+        else:
+            probe = path
+            while probe and probe not in self.lines:
+                probe = probe[:-1]
+            where = f"{self.path}:{self.lines.get(probe, 1)}"
+        return RecipeError(where, _dotted(path), message)
+
+    # -- the recipe with its defaults filled in -----------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    @property
+    def seed(self) -> int:
+        return self.data.get("seed", 0)
+
+    @property
+    def where(self) -> str | None:
+        return self.data.get("where")
+
+    @property
+    def mixture(self) -> dict:
+        return {"group_by": "category", "temperature": 0.5, "category_temperature": 1.0, **self.data["mixture"]}
+
+    @property
+    def redundancy(self) -> dict | None:
+        raw = self.data.get("redundancy")
+        if raw is None:
+            return None
+        return {"mode": "tier", "basis": "mixture", "prefix": "", "on_missing": "fail", "salt": "redundancy-tier", **raw}
+
+    @property
+    def output(self) -> dict:
+        return {"formats": ["parquet", "hf"], "shard_rows": 50000, **self.data["output"]}
+
+    def effective(self) -> dict:
+        """The recipe as built: every default spelled out (what the manifest records and hashes).
+        ``output.path`` is left out: where a mixture is written does not change what it is."""
+        data = copy.deepcopy(self.data)
+        data["seed"] = self.seed
+        data["mixture"] = self.mixture
+        data["output"] = {k: v for k, v in self.output.items() if k != "path"}
+        if self.redundancy is not None:
+            data["redundancy"] = self.redundancy
+        return data
+
+    def sha256(self) -> str:
+        text = json.dumps(self.effective(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _apply_override(data: dict, assignment: str) -> tuple:
+    if "=" not in assignment:
+        raise RecipeError("--set", assignment, "expected KEY=VALUE, e.g. mixture.budget=2000")
+    key, _, raw_value = assignment.partition("=")
+    path = tuple(key.strip().split("."))
+    try:
+        value = yaml.safe_load(raw_value)
+    except yaml.YAMLError as error:
+        raise RecipeError("--set", key, f"value is not valid YAML ({error})") from None
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError("--set", key, f"{part!r} is not a mapping")
+    node[path[-1]] = value
+    return path
+
+
+def _describe(error: jsonschema.ValidationError) -> tuple[tuple, str]:
+    """The key path and a sentence for a person, from a JSON Schema error."""
+    path = tuple(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unexpected = sorted(set(error.instance) - set(allowed))
+        return path + (unexpected[0],), f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
+    if error.validator == "required":
+        return path, f"missing required key {error.message.split(' is a required')[0]}"
+    if error.validator == "type":
+        return path, f"expected {error.validator_value}, got {error.instance!r}"
+    if error.validator == "enum":
+        return path, f"expected one of {error.validator_value}, got {error.instance!r}"
+    if error.validator in ("oneOf", "anyOf"):
+        requireds = [s.get("required") for s in error.validator_value]
+        if all(requireds):
+            names = " or ".join(r[0] for r in requireds)
+            return path, f"give exactly one of {names}"
+        return path, f"{error.instance!r} is not valid here: {(error.schema.get('description') or error.message)}"
+    if error.validator == "const":
+        return path, f"expected {error.validator_value!r}, got {error.instance!r}"
+    return path, error.message
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
+    """Read, override and validate a recipe file.
+
+    Raises
+    ------
+    RecipeError
+        The first problem found, naming the line and key.
+    """
+    path = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise RecipeError(path, "", f"cannot read the recipe ({error.strerror})") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise RecipeError(f"{path}:{line}", "", f"not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}:1", "", "a recipe is a YAML mapping of keys (name, mixture, output, ...)")
+    recipe = Recipe(data=data, path=path, lines=_key_lines(node) if node is not None else {})
+    for assignment in overrides:
+        recipe.overridden.add(_apply_override(data, assignment))
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(recipe_schema()).iter_errors(data))
+    if error is not None:
+        key, message = _describe(error)
+        raise recipe.error(key, message)
+    return recipe
