@@ -1,8 +1,9 @@
-"""``engine export``: a built mixture as a Hugging Face dataset folder, Parquet shards, or a TRL-style
+"""``engine export``: a built mixture as a Hugging Face dataset folder, Parquet, or a TRL-style
 ``messages`` view, optionally pushed to the hub. Streams the mixture's Parquet shards; publishes atomically."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.recipes.build import OUTPUT_SCHEMA, hf_features, publish, write_hf_dataset
+from engine.recipes.output import MIXTURE_SCHEMA, MixtureWriter, mixture_features, publish
 
 FORMATS = ("hf", "parquet", "messages")
 
@@ -30,20 +31,21 @@ select images,
        sample_id, source, subset, category, captioned
 from read_parquet({files})
 """
+CONTENT = pa.list_(pa.struct([("type", pa.string()), ("text", pa.string())]))
+MESSAGES_SCHEMA = pa.schema(
+    [MIXTURE_SCHEMA.field("images"), ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", CONTENT)])))]
+    + [MIXTURE_SCHEMA.field(name) for name in ("sample_id", "source", "subset", "category", "captioned")]
+)
 
 
-def messages_features():
-    import datasets
-
-    content = datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")})
-    features = hf_features()
-    return datasets.Features(
-        {
-            "images": features["images"],
-            "messages": datasets.List({"role": datasets.Value("string"), "content": content}),
-            **{k: features[k] for k in ("sample_id", "source", "subset", "category", "captioned")},
-        }
-    )
+def messages_features() -> dict:
+    """HF features of the messages view (derived from the mixture's)."""
+    base = copy.deepcopy(mixture_features())
+    value = {"dtype": "string", "_type": "Value"}
+    content = {"feature": {"type": value, "text": value}, "_type": "List"}
+    features = {"images": base["images"], "messages": {"feature": {"role": value, "content": content}, "_type": "List"}}
+    features.update({k: base[k] for k in ("sample_id", "source", "subset", "category", "captioned")})
+    return features
 
 
 class ExportError(RuntimeError):
@@ -60,14 +62,14 @@ def mixture_files(mixture: Path) -> list[Path]:
     return files
 
 
-def export(mixture: str | Path, out: str | Path, format: str = "hf", push: str | None = None, batch_rows: int = 4096) -> Path:
+def export(mixture: str | Path, out: str | Path, format: str = "hf", push: str | None = None,
+           shard_rows: int = 100_000) -> Path:
     """Write a built mixture in ``format`` to ``out`` (and push it to the hub as repo ``push``)."""
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; choose one of {FORMATS}")
     mixture, out = Path(mixture), Path(out)
     files = mixture_files(mixture)
     manifest = json.loads((mixture / "manifest.json").read_text())
-    fingerprint = f"{manifest['recipe_sha256'][:12]}-{format}"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -77,22 +79,19 @@ def export(mixture: str | Path, out: str | Path, format: str = "hf", push: str |
             for path in files:
                 shutil.copyfile(path, tmp / path.name)
         else:
-            stream_path = tmp / "stream.arrow"
-            con = duckdb.connect()
             listing = "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in files) + "]"
-            sql = MESSAGES_SQL.format(files=listing) if format == "messages" else f"select * from read_parquet({listing})"
-            reader = con.sql(sql).to_arrow_reader(batch_rows)
-            features = messages_features() if format == "messages" else hf_features()
-            schema = features.arrow_schema if format == "messages" else OUTPUT_SCHEMA
-            with pa.ipc.new_stream(str(stream_path), schema) as stream:
-                for batch in reader:
-                    stream.write_table(pa.Table.from_batches([batch]).cast(schema))
+            total = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+            if format == "messages":
+                sql, schema, features = MESSAGES_SQL.format(files=listing), MESSAGES_SCHEMA, messages_features()
+            else:
+                sql, schema, features = f"select * from read_parquet({listing})", MIXTURE_SCHEMA, mixture_features()
+            writer = MixtureWriter(tmp, ["hf"], total, shard_rows, f"{manifest['recipe_sha256'][:12]}-{format}",
+                                   schema=schema, features=features, hf_dir=".")
+            con = duckdb.connect()
+            for batch in con.sql(sql).to_arrow_reader(65536):
+                writer.write(pa.Table.from_batches([batch]).cast(schema))
+            writer.close()
             con.close()
-            write_hf_dataset(stream_path, tmp / "dataset", fingerprint, features)
-            stream_path.unlink()
-            for item in (tmp / "dataset").iterdir():
-                item.rename(tmp / item.name)
-            (tmp / "dataset").rmdir()
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -110,15 +109,10 @@ def push_to_hub(folder: Path, repo: str, format: str) -> None:
     if not get_token():
         raise ExportError("no Hugging Face token: run `hf auth login` or set HF_TOKEN, then push again")
     if format == "parquet":
-        dataset = datasets.Dataset.from_parquet([str(p) for p in sorted(folder.glob("*.parquet"))], features=hf_features())
+        dataset = datasets.Dataset.from_parquet([str(p) for p in sorted(folder.glob("*.parquet"))])
     else:
         dataset = datasets.load_from_disk(str(folder))
     try:
         dataset.push_to_hub(repo)
     except Exception as error:  # network and permission failures come in many types
         raise ExportError(f"push to {repo!r} failed: {type(error).__name__}: {error}") from None
-
-
-def read_rows(folder: str | Path) -> pa.Table:
-    """All rows of a mixture's Parquet shards (for inspection and tests)."""
-    return pq.read_table(mixture_files(Path(folder))[0].parent)

@@ -191,6 +191,14 @@ class Store:
             table.add(rows)
         return table.version
 
+    def dataset(self, name: str, version: int | None = None):
+        """The Lance dataset behind a table, at ``version`` (default: the current one)."""
+        import lance
+
+        if not self.has(name):
+            raise KeyError(f"the store {self.root} has no table {name!r} yet")
+        return lance.dataset(str(self.root / f"{name}.lance"), version=version)
+
     def compact(self, name: str) -> None:
         """Merge the small fragments many batch commits leave behind (a new version, same rows)."""
         table = self.table(name)
@@ -250,12 +258,12 @@ class Store:
         con = duckdb.connect()
         versions = {}
         for name, spec in table_specs().items():
-            table = self.table(name)
-            if table is None:
-                con.register(name, spec.schema.empty_table())
+            if self.has(name):
+                dataset = self.dataset(name)
+                con.register(name, dataset)
+                versions[name] = dataset.version
             else:
-                con.register(name, table.to_lance())
-                versions[name] = table.version
+                con.register(name, spec.schema.empty_table())
         con.execute(facts_view_sql(pins or {}))
         return con, versions
 

@@ -15,31 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from engine import __version__
 from engine.categories import categories
 from engine.recipes.mixture import allocate, hash_u64_sql, temperature_weights, tier_threshold
+from engine.recipes.output import HF_IMAGE, MIXTURE_SCHEMA, TURN, MixtureWriter, publish
 from engine.recipes.recipe import Recipe, RecipeError
 from engine.store import Store, package_versions
 
-TEXT_TURN = pa.struct([("user", pa.string()), ("assistant", pa.string()), ("source", pa.string())])
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
-        ("texts", pa.list_(TEXT_TURN)),
-        ("sample_id", pa.string()),
-        ("source", pa.string()),
-        ("subset", pa.string()),
-        ("category", pa.string()),
-        ("task_kind", pa.string()),
-        ("label", pa.string()),
-        ("captioned", pa.bool_()),
-    ]
-)
-READ_BATCH_ROWS = 4096
+READ_BATCH_ROWS = 65536
+PAYLOAD = ["images", "turns", "sample_id", "source", "subset", "category", "task_kind", "label"]
 
 
 class BuildError(RuntimeError):
@@ -127,42 +116,51 @@ def plan_quotas(counts: list[tuple[str, str, str, int]], mixture: dict) -> tuple
 def _select(con: duckdb.DuckDBPyConnection, recipe: Recipe) -> dict:
     """Create temp table ``selected(sample_id, category, source, subset, sel_key, captioned)``."""
     where = f"({recipe.where})" if recipe.where else "true"
-    select_salt = f"select:{recipe.seed}:"
+    redundancy = recipe.redundancy
+    tier_mode = redundancy is not None and redundancy["mode"] == "tier"
+    # both hashes in one pass over the store: the second costs a fraction of a separate pass
+    tier_column = f", {hash_u64_sql(redundancy['salt'])} as tier_key" if tier_mode else ""
     con.execute(
         f"""create temp table candidates as
-        select sample_id, source, subset, category, {hash_u64_sql(select_salt)} as sel_key
+        select sample_id, source, subset, category, {hash_u64_sql(f"select:{recipe.seed}:")} as sel_key{tier_column}
         from facts where {source_filter(recipe)} and {where}"""
     )
-    uncategorised = con.execute("select count(*) from candidates where category is null").fetchone()[0]
+    uncategorised = con.execute("select count(*) from candidates where category is null").fetchall()[0][0]
     counts = con.execute(
         "select category, source, subset, count(*) from candidates where category is not null group by all order by all"
     ).fetchall()
     budgets, quotas = plan_quotas(counts, recipe.mixture)
-    con.execute("create temp table quotas(category varchar, source varchar, subset varchar, quota bigint)")
-    con.executemany("insert into quotas values (?, ?, ?, ?)", [(*key, q) for key, q in quotas.items()])
     con.execute(
-        """create temp table picked as
-        select c.sample_id, c.category, c.source, c.subset, c.sel_key
-        from candidates c join quotas q using (category, source, subset)
-        qualify row_number() over (partition by c.category, c.source, c.subset order by c.sel_key, c.sample_id) <= q.quota
-        """
+        "create temp table quotas(category varchar, source varchar, subset varchar, quota bigint, available bigint, group_id int)"
+    )
+    available = {(c, so, su): n for c, so, su, n in counts}
+    con.executemany(
+        "insert into quotas values (?, ?, ?, ?, ?, ?)",
+        [(*key, q, available[key], i) for i, (key, q) in enumerate(sorted(quotas.items()))],
+    )
+    captioned = f"c.tier_key < {tier_threshold(redundancy['level'])}::HUGEINT" if tier_mode else "false"
+    columns = f"c.sample_id, q.group_id, c.sel_key, {captioned} as captioned"
+    # a subset taken whole needs no ranking; only partly taken ones are ranked by the salted hash
+    partial = "from candidates c join quotas q using (category, source, subset) where q.quota > 0 and q.quota < q.available"
+    # ordering by the 64-bit key alone is 2.5x faster than (key, id); the id only matters on a tie
+    tied = con.execute(f"select count(distinct c.sel_key) < count(*) {partial}").fetchall()[0][0]
+    order = "c.sel_key, c.sample_id" if tied else "c.sel_key"
+    con.execute(
+        f"""create temp table selected as
+        select {columns} from candidates c join quotas q using (category, source, subset)
+        where q.quota > 0 and q.quota >= q.available
+        union all
+        select {columns} {partial}
+        qualify row_number() over (partition by c.category, c.source, c.subset order by {order}) <= q.quota"""
     )
     plan = {
         "available": {f"{s}:{sub}": n for _, s, sub, n in counts},
         "uncategorised_excluded": uncategorised,
         "category_budgets": budgets,
         "quotas": {f"{s}:{sub}": q for (_, s, sub), q in quotas.items()},
+        "groups": sorted(quotas),
     }
-    redundancy = recipe.redundancy
-    if redundancy is None:
-        con.execute("create temp table selected as select *, false as captioned from picked")
-    elif redundancy["mode"] == "tier":
-        threshold = tier_threshold(redundancy["level"])
-        con.execute(
-            f"""create temp table selected as
-            select *, {hash_u64_sql(redundancy['salt'])}::HUGEINT < {threshold}::HUGEINT as captioned from picked"""
-        )
-    else:
+    if redundancy is not None and redundancy["mode"] == "mi_gate":
         plan["mi_gate"] = _mi_gate(con, redundancy)
     return plan
 
@@ -173,162 +171,152 @@ def _mi_gate(con: duckdb.DuckDBPyConnection, redundancy: dict) -> dict:
     highest u_v. N is the mixture size (``basis: mixture``) or |S_valid| (``basis: valid``)."""
     con.execute(
         """create temp table gated as
-        select p.*, f.u_v,
+        select p.* exclude (captioned), f.u_v,
                coalesce(f.u_v > f.s and f.u_v >= f.r and f.u_v >= f.u_t, false) as valid
-        from picked p join facts f using (sample_id)"""
+        from selected p join facts f using (sample_id)"""
     )
-    total, n_valid, n_scored = con.execute("select count(*), count_if(valid), count(u_v) from gated").fetchone()
+    total, n_valid, n_scored = con.execute("select count(*), count_if(valid), count(u_v) from gated").fetchall()[0]
     basis = total if redundancy["basis"] == "mixture" else n_valid
     k = min(int(redundancy["tau"] * basis), n_valid)
     con.execute(
-        f"""create temp table selected as
-        select sample_id, category, source, subset, sel_key,
-               coalesce(valid and rank_u_v <= {k}, false) as captioned
+        f"""create or replace temp table selected as
+        select sample_id, group_id, sel_key, coalesce(valid and rank_u_v <= {k}, false) as captioned
         from (select *, row_number() over (partition by valid order by u_v desc, sel_key, sample_id) as rank_u_v from gated)"""
     )
     return {"rows": total, "scored": n_scored, "valid": n_valid, "k": k}
 
 
-def _caption_table(con: duckdb.DuckDBPyConnection, redundancy: dict | None) -> dict:
-    """Join each captioned row to its caption; apply ``on_missing``. Returns caption counts."""
+def _caption_source(redundancy: dict | None) -> str:
+    """SQL for the captions a recipe injects: one captioner (and prompt template, if named). A sample
+    with two matching captions (two templates, no ``prompt_id``) makes the build fail in ``_decide``."""
     if redundancy is None:
-        con.execute("create temp table caps(sample_id varchar, caption varchar)")
-        return {}
-    prompt = f"and prompt_id = {_literal(redundancy['prompt_id'])}" if redundancy.get("prompt_id") else ""
-    con.execute(
-        f"""create temp table caps as
-        select sample_id, caption from captions
-        where captioner = {_literal(redundancy['captioner'])} {prompt} and caption is not null
-          and sample_id in (select sample_id from selected where captioned)
-        qualify row_number() over (partition by sample_id order by run_id desc) = 1"""
+        return "select NULL::VARCHAR as sample_id, NULL::VARCHAR as caption where false"
+    prompt = f" and prompt_id = {_literal(redundancy['prompt_id'])}" if redundancy.get("prompt_id") else ""
+    return (
+        f"select sample_id, caption from captions where captioner = {_literal(redundancy['captioner'])}"
+        f"{prompt} and caption is not null"
     )
-    missing = con.execute(
-        "select count(*) from selected where captioned and sample_id not in (select sample_id from caps)"
-    ).fetchone()[0]
-    counts = {"missing_captions": missing, "on_missing": redundancy["on_missing"]}
-    if missing and redundancy["on_missing"] == "fail":
-        examples = [r[0] for r in con.execute(
-            "select sample_id from selected where captioned and sample_id not in (select sample_id from caps) order by sample_id limit 3"
-        ).fetchall()]
+
+
+def _decide(con: duckdb.DuckDBPyConnection, recipe: Recipe, expected_rows: int) -> tuple[pa.Table, dict]:
+    """Every selected row's storage position, provenance and caption suffix, in storage order, after the
+    recipe's ``on_missing`` rule. Returns the table and the caption counts for the manifest."""
+    redundancy = recipe.redundancy
+    joiner = _literal(" " + (redundancy["prefix"] if redundancy else ""))
+    decisions = con.sql(
+        f"""select p.pos, s.group_id, s.captioned,
+                   case when s.captioned then {joiner} || c.caption end as suffix
+        from selected s join sample_positions p using (sample_id)
+        left join ({_caption_source(redundancy)}) c on s.captioned and c.sample_id = s.sample_id
+        order by p.pos"""
+    ).to_arrow_table().combine_chunks()
+    if len(decisions) != expected_rows:
         raise BuildError(
-            f"{missing} rows selected for captioning have no caption from captioner {redundancy['captioner']!r}"
-            f" (e.g. {', '.join(examples)}); run `engine caption` for them, or set redundancy.on_missing to keep or drop"
+            f"{len(decisions) - expected_rows} selected rows have more than one caption from "
+            f"{redundancy['captioner']!r} (captions from several prompt templates?); name one in redundancy.prompt_id"
         )
-    if missing and redundancy["on_missing"] == "drop":
-        con.execute("delete from selected where captioned and sample_id not in (select sample_id from caps)")
-    elif missing:
-        con.execute("update selected set captioned = false where captioned and sample_id not in (select sample_id from caps)")
-    return counts
+    if redundancy is None:
+        return decisions, {}
+    missing = pc.and_(decisions.column("captioned"), pc.is_null(decisions.column("suffix")))
+    n_missing = pc.sum(missing).as_py() or 0
+    counts = {"missing_captions": n_missing, "on_missing": redundancy["on_missing"]}
+    if n_missing and redundancy["on_missing"] == "fail":
+        positions = decisions.column("pos").filter(missing).slice(0, 3).to_pylist()
+        examples = con.execute(
+            f"select sample_id from sample_positions where pos in ({', '.join(map(str, positions))}) order by pos"
+        ).fetchall()
+        raise BuildError(
+            f"{n_missing} rows selected for captioning have no caption from captioner {redundancy['captioner']!r}"
+            f" (e.g. {', '.join(r[0] for r in examples)}); run `engine caption` for them,"
+            " or set redundancy.on_missing to keep or drop"
+        )
+    if n_missing and redundancy["on_missing"] == "drop":
+        decisions = decisions.filter(pc.invert(missing))
+    elif n_missing:
+        kept = pc.and_(decisions.column("captioned"), pc.invert(missing))
+        decisions = decisions.set_column(decisions.schema.get_field_index("captioned"), "captioned", kept)
+    return decisions, counts
 
 
-def _rows_sql(prefix: str) -> str:
-    joiner = _literal(" " + prefix)
-    return f"""
-    select list_transform(s.images, lambda b: struct_pack(bytes := b, path := NULL::VARCHAR)) as images,
-           case when sel.captioned
-                then list_concat([struct_pack(user := s.turns[1].user || {joiner} || c.caption,
-                                              assistant := s.turns[1].assistant,
-                                              source := s.turns[1].source)], s.turns[2:])
-                else s.turns end as texts,
-           s.sample_id, s.source, s.subset, s.category, s.task_kind, s.label, sel.captioned
-    from selected sel join samples s using (sample_id) left join caps c using (sample_id)
-    order by sel.sel_key, sel.sample_id"""
+def inject_captions(turns: pa.ListArray, suffix: pa.Array) -> pa.ListArray:
+    """Append ``suffix`` (NULL = no caption) to the user text of each row's first turn, vectorised:
+    ``text + " " + prefix + caption`` (Self-Captioning MI Tuning, §4.2)."""
+    flat = pc.list_flatten(turns)
+    parent = pc.list_parent_indices(turns)
+    lengths = pc.list_value_length(turns).fill_null(0).to_numpy(zero_copy_only=False)
+    offsets = np.zeros(len(turns) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    first = np.zeros(len(flat), dtype=bool)
+    first[offsets[:-1][lengths > 0]] = True
+    per_turn = pc.if_else(pa.array(first), pc.take(suffix, parent), pa.nulls(len(flat), pa.string()))
+    users = pc.binary_join_element_wise(flat.field("user"), per_turn, "", null_handling="replace", null_replacement="")
+    fields = pa.StructArray.from_arrays([users, flat.field("assistant"), flat.field("source")], fields=list(TURN))
+    return pa.ListArray.from_arrays(pa.array(offsets), fields)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def hf_images(images: pa.ListArray) -> pa.ListArray:
+    """``list<binary>`` -> the HF Image layout ``list<struct<bytes, path>>``."""
+    values = pc.list_flatten(images)
+    lengths = pc.list_value_length(images).fill_null(0).to_numpy(zero_copy_only=False)
+    offsets = np.zeros(len(images) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    structs = pa.StructArray.from_arrays([values, pa.nulls(len(values), pa.string())], fields=list(HF_IMAGE))
+    return pa.ListArray.from_arrays(pa.array(offsets), structs)
 
 
-def _write_outputs(con, sql: str, tmp: Path, output: dict, total: int, fingerprint: str, progress: bool) -> None:
-    formats = output["formats"]
-    shard_rows = output["shard_rows"]
-    parquet_dir = tmp / "parquet"
-    parquet_dir.mkdir()
-    hf_stream = tmp / "hf.arrow"
-    stream = pa.ipc.new_stream(str(hf_stream), OUTPUT_SCHEMA) if "hf" in formats else None
-    writer, shard, in_shard = None, 0, 0
-    reader = con.sql(sql).to_arrow_reader(READ_BATCH_ROWS)
-    with tqdm(total=total, desc="write mixture", unit="row", disable=not progress) as bar:
-        for batch in reader:
-            table = pa.Table.from_batches([batch]).cast(OUTPUT_SCHEMA)
-            if stream is not None:
-                stream.write_table(table)
-            if "parquet" in formats:
-                offset = 0
-                while offset < len(table):
-                    if writer is None:
-                        writer = pq.ParquetWriter(parquet_dir / f"part-{shard:05d}.parquet", OUTPUT_SCHEMA, compression="zstd")
-                    piece = table.slice(offset, shard_rows - in_shard)
-                    writer.write_table(piece)
-                    offset += len(piece)
-                    in_shard += len(piece)
-                    if in_shard == shard_rows:
-                        writer.close()
-                        writer, shard, in_shard = None, shard + 1, 0
-            bar.update(len(table))
-    if writer is not None:
-        writer.close()
-    if "parquet" in formats and shard == 0 and in_shard == 0:
-        pq.write_table(OUTPUT_SCHEMA.empty_table(), parquet_dir / "part-00000.parquet", compression="zstd")
-    if "parquet" not in formats:
-        parquet_dir.rmdir()
-    if stream is not None:
-        stream.close()
-        write_hf_dataset(hf_stream, tmp / "hf", fingerprint, progress=progress)
-        hf_stream.unlink()
+def assemble(rows: pa.Table, captioned: pa.Array, suffix: pa.Array) -> pa.Table:
+    """Mixture rows from ``samples`` rows plus each row's caption decision."""
+    columns = {
+        "images": hf_images(rows.column("images").combine_chunks()),
+        "texts": inject_captions(rows.column("turns").combine_chunks(), suffix),
+        **{name: rows.column(name) for name in ("sample_id", "source", "subset", "category", "task_kind", "label")},
+        "captioned": captioned,
+    }
+    return pa.Table.from_pydict(columns, schema=MIXTURE_SCHEMA)
 
 
-def hf_features():
-    """The output's ``datasets`` features: the Cauldron schema plus provenance columns."""
-    import datasets
+def _stream_selected(dataset, plan: pa.Table, progress: bool):
+    """Yield the selected ``samples`` rows in storage order, with their caption decision.
 
-    turn = {"user": datasets.Value("string"), "assistant": datasets.Value("string"), "source": datasets.Value("string")}
-    return datasets.Features(
-        {
-            "images": datasets.List(datasets.Image()),
-            "texts": datasets.List(turn),
-            "sample_id": datasets.Value("string"),
-            "source": datasets.Value("string"),
-            "subset": datasets.Value("string"),
-            "category": datasets.Value("string"),
-            "task_kind": datasets.Value("string"),
-            "label": datasets.Value("string"),
-            "captioned": datasets.Value("bool"),
-        }
-    )
+    ``plan`` holds ``pos`` (ascending storage positions), ``captioned`` and ``suffix``. A dense selection
+    streams the table once and keeps its rows; a sparse one takes just its rows by position.
+    """
+    positions = plan.column("pos").to_numpy()
+    total_rows = dataset.count_rows()
+    bar = tqdm(total=len(positions), desc="write mixture", unit="row", disable=not progress)
+    if len(positions) >= 0.25 * total_rows:
+        batches = dataset.to_batches(columns=PAYLOAD, batch_size=READ_BATCH_ROWS, scan_in_order=True)
+        start = 0
+        for batch in batches:
+            end = start + batch.num_rows
+            lo, hi = np.searchsorted(positions, [start, end])
+            if hi > lo:
+                rows = pa.Table.from_batches([batch])
+                if positions[hi - 1] - positions[lo] == hi - lo - 1:  # a contiguous run: slice, no copy
+                    rows = rows.slice(positions[lo] - start, hi - lo)
+                else:
+                    rows = rows.take(pa.array(positions[lo:hi] - start))
+                yield rows, plan.slice(lo, hi - lo)
+                bar.update(hi - lo)
+            start = end
+    else:
+        for lo in range(0, len(positions), READ_BATCH_ROWS):
+            chunk = positions[lo : lo + READ_BATCH_ROWS]
+            yield dataset.take(chunk, columns=PAYLOAD), plan.slice(lo, len(chunk))
+            bar.update(len(chunk))
+    bar.close()
 
 
-def write_hf_dataset(arrow_stream: Path, out: Path, fingerprint: str, features=None, progress: bool = True) -> None:
-    """``save_to_disk`` an Arrow stream file without loading it into memory (memory-mapped), under a
-    fingerprint derived from the content so that rebuilds are byte-identical."""
-    import datasets
-    from datasets.table import MemoryMappedTable
-
-    table = MemoryMappedTable.from_file(str(arrow_stream))
-    info = datasets.DatasetInfo(features=features or hf_features())
-    dataset = datasets.Dataset(table, info=info, fingerprint=fingerprint)
-    was_enabled = datasets.utils.logging.is_progress_bar_enabled()
-    if not progress:
-        datasets.disable_progress_bars()
+def _write_mixture(dataset, decisions: pa.Table, tmp: Path, recipe: Recipe, fingerprint: str, progress: bool) -> dict[str, str]:
+    """Stream the selected rows from the store into the output formats; returns file hashes."""
+    output = recipe.output
+    writer = MixtureWriter(tmp, output["formats"], len(decisions), output["shard_rows"], fingerprint)
     try:
-        dataset.save_to_disk(str(out), max_shard_size="500MB")
+        for rows, decision in _stream_selected(dataset, decisions, progress):
+            writer.write(assemble(rows, decision.column("captioned").combine_chunks(), decision.column("suffix").combine_chunks()))
     finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Swap a finished temp folder into place; the old mixture (if any) is removed only afterwards."""
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
+        hashes = writer.close()
+    return hashes
 
 
 def build(store: Store, recipe: Recipe, progress: bool = True) -> BuildResult:
@@ -342,6 +330,11 @@ def build(store: Store, recipe: Recipe, progress: bool = True) -> BuildResult:
         The store lacks facts the recipe requires (captions, with ``on_missing: fail``).
     """
     con, versions = _connect(store, recipe)
+    if "samples" not in versions:
+        raise BuildError(f"the store {store.root} has no samples; run `engine ingest` first")
+    dataset = store.dataset("samples", versions["samples"])
+    ids = dataset.to_table(columns=["sample_id"], scan_in_order=True)
+    con.register("sample_positions", ids.append_column("pos", pa.array(np.arange(len(ids), dtype=np.int64))))
     final = Path(recipe.output["path"])
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
@@ -350,23 +343,25 @@ def build(store: Store, recipe: Recipe, progress: bool = True) -> BuildResult:
     tmp.mkdir()
     try:
         plan = _select(con, recipe)
-        redundancy = recipe.redundancy
-        plan.update(_caption_table(con, redundancy))
-        summary = con.execute(
-            """select category, source || ':' || subset, count(*), count_if(captioned)
-            from selected group by all order by all"""
-        ).fetchall()
-        total = sum(row[2] for row in summary)
+        decisions, caption_counts = _decide(con, recipe, sum(plan["quotas"].values()))
+        plan.update(caption_counts)
+        groups = plan.pop("groups")
+        counted = decisions.group_by("group_id").aggregate([("pos", "count"), ("captioned", "sum")])
+        summary = sorted(
+            (groups[g][0], f"{groups[g][1]}:{groups[g][2]}", n, int(k or 0))
+            for g, n, k in zip(*(counted.column(name).to_pylist() for name in ("group_id", "pos_count", "captioned_sum")))
+        )
+        total = len(decisions)
         budget = recipe.mixture.get("budget") or sum(recipe.mixture["category_budgets"].values())
         fingerprint = hashlib.sha256(f"{recipe.sha256()}|{json.dumps(versions, sort_keys=True)}".encode()).hexdigest()[:16]
-        _write_outputs(con, _rows_sql(redundancy["prefix"] if redundancy else ""), tmp, recipe.output, total, fingerprint, progress)
+        files = _write_mixture(dataset, decisions, tmp, recipe, fingerprint, progress)
         manifest = {
             "name": recipe.name,
             "engine_version": __version__,
             "recipe": recipe.effective(),
             "recipe_sha256": recipe.sha256(),
             "store_versions": versions,
-            "package_versions": {k: v for k, v in package_versions().items() if k in ("duckdb", "pyarrow", "datasets")},
+            "package_versions": {k: v for k, v in package_versions().items() if k in ("duckdb", "pyarrow", "pylance")},
             "plan": plan,
             "rows": {
                 "total": total,
@@ -377,9 +372,7 @@ def build(store: Store, recipe: Recipe, progress: bool = True) -> BuildResult:
                 "by_subset": _sum_by(summary, 1),
                 "captioned_by_category": _sum_by(summary, 0, value=3),
             },
-            "files": {
-                str(path.relative_to(tmp)): _sha256(path) for path in sorted(tmp.rglob("*")) if path.is_file()
-            },
+            "files": files,
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         (tmp / "manifest.json").write_text(text)
@@ -399,4 +392,4 @@ def _sum_by(rows: list[tuple], key: int, value: int = 2) -> dict:
     return dict(sorted(out.items()))
 
 
-__all__ = ["BuildError", "BuildResult", "RecipeError", "build", "plan_quotas", "publish", "source_filter"]
+__all__ = ["BuildError", "BuildResult", "RecipeError", "assemble", "build", "plan_quotas", "source_filter"]

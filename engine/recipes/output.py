@@ -1,0 +1,218 @@
+"""Writing a mixture: Parquet shards and a Hugging Face ``save_to_disk`` folder from one stream of Arrow
+tables, each file hashed (SHA-256) as it is written, the two formats written on two threads.
+
+The HF folder is the format ``datasets.load_from_disk`` reads (Arrow IPC stream shards, ``state.json``,
+``dataset_info.json``); writing it directly avoids a second pass over the data. Both formats carry the
+HF features in their schema metadata, so ``load_dataset("parquet", ...)`` also decodes the images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.paths import SCHEMAS_DIR
+
+TURN = pa.struct([("user", pa.string()), ("assistant", pa.string()), ("source", pa.string())])
+HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+MIXTURE_COLUMNS = [
+    ("images", pa.list_(HF_IMAGE)),
+    ("texts", pa.list_(TURN)),
+    ("sample_id", pa.string()),
+    ("source", pa.string()),
+    ("subset", pa.string()),
+    ("category", pa.string()),
+    ("task_kind", pa.string()),
+    ("label", pa.string()),
+    ("captioned", pa.bool_()),
+]
+CHUNK_ROWS = 65536  # every write is this many rows (the last one fewer), so files never depend on input batching
+
+
+@cache
+def mixture_features() -> dict:
+    """HF ``datasets`` features of a mixture (``schemas/mixture.features.json``)."""
+    return json.loads((SCHEMAS_DIR / "mixture.features.json").read_text())
+
+
+def with_features(schema: pa.Schema, features: dict) -> pa.Schema:
+    """Attach HF features as schema metadata, where ``datasets`` looks for them."""
+    return schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}}, sort_keys=True)})
+
+
+MIXTURE_SCHEMA = pa.schema(MIXTURE_COLUMNS)
+
+
+class _HashingFile:
+    """A binary file that hashes what is written to it (no second read for the manifest)."""
+
+    def __init__(self, path: Path):
+        self.handle = open(path, "wb")
+        self.digest = hashlib.sha256()
+        self.position = 0
+        self.closed = False
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.handle.write(view)
+        self.position += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.handle.close()
+            self.closed = True
+
+
+class _ShardedWriter:
+    """Rows into numbered shard files of at most ``shard_rows`` rows each."""
+
+    def __init__(self, folder: Path, names: list[str], open_writer, shard_rows: int):
+        self.folder, self.names, self.open_writer, self.shard_rows = folder, names, open_writer, shard_rows
+        self.shard, self.in_shard, self.file, self.writer = 0, 0, None, None
+        self.hashes: dict[str, str] = {}
+
+    def _close_shard(self) -> None:
+        self.writer.close()
+        self.file.close()
+        self.hashes[self.names[self.shard]] = self.file.digest.hexdigest()
+        self.file, self.writer = None, None
+        self.shard, self.in_shard = self.shard + 1, 0
+
+    def write(self, table: pa.Table) -> None:
+        offset = 0
+        while offset < len(table):
+            if self.writer is None:
+                self.file = _HashingFile(self.folder / self.names[self.shard])
+                self.writer = self.open_writer(self.file)
+            piece = table.slice(offset, self.shard_rows - self.in_shard)
+            self.writer.write_table(piece)
+            offset += len(piece)
+            self.in_shard += len(piece)
+            if self.in_shard == self.shard_rows:
+                self._close_shard()
+
+    def close(self) -> dict[str, str]:
+        if self.writer is not None:
+            self._close_shard()
+        while self.shard < len(self.names):  # an empty output still gets its (empty) shard
+            self.file = _HashingFile(self.folder / self.names[self.shard])
+            self.writer = self.open_writer(self.file)
+            self._close_shard()
+        return self.hashes
+
+
+class MixtureWriter:
+    """Write a known number of rows as Parquet (``parquet/part-NNNNN.parquet``) and/or an HF dataset
+    folder (``hf/``), returning ``{relative path: sha256}`` of every file written.
+
+    Parameters
+    ----------
+    out
+        Folder to write into (a temp folder that is published afterwards).
+    total
+        Rows that will be written; fixes the shard names up front.
+    fingerprint
+        The HF dataset fingerprint (derived from the recipe and store versions: deterministic).
+    """
+
+    def __init__(self, out: Path, formats: list[str], total: int, shard_rows: int, fingerprint: str,
+                 schema: pa.Schema = MIXTURE_SCHEMA, features: dict | None = None, hf_dir: str = "hf"):
+        self.out, self.formats, self.fingerprint = out, formats, fingerprint
+        self.features = features or mixture_features()
+        self.schema = with_features(schema, self.features)
+        self.hf_dir = hf_dir
+        n_shards = max(1, math.ceil(total / shard_rows))
+        self.writers: dict[str, _ShardedWriter] = {}
+        if "parquet" in formats:
+            folder = out / "parquet"
+            folder.mkdir(parents=True)
+            names = [f"part-{i:05d}.parquet" for i in range(n_shards)]
+            self.writers["parquet"] = _ShardedWriter(
+                folder, names, lambda f: pq.ParquetWriter(f, self.schema, compression="zstd", compression_level=1), shard_rows
+            )
+        if "hf" in formats:
+            folder = out / hf_dir
+            folder.mkdir(parents=True)
+            names = [f"data-{i:05d}-of-{n_shards:05d}.arrow" for i in range(n_shards)]
+            self.writers["hf"] = _ShardedWriter(folder, names, lambda f: pa.ipc.new_stream(f, self.schema), shard_rows)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, len(self.writers)))
+        self.pending: list[Future] = []
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+
+    def _drain(self) -> None:
+        for future in self.pending:
+            future.result()
+        self.pending = []
+
+    def _submit(self, table: pa.Table) -> None:
+        self._drain()  # at most one chunk in flight per format: bounded memory
+        self.pending = [self.pool.submit(writer.write, table) for writer in self.writers.values()]
+
+    def write(self, table: pa.Table) -> None:
+        """Queue rows (already in MIXTURE order); writes happen in fixed chunks of ``CHUNK_ROWS``."""
+        self.buffer.append(table)
+        self.buffered += len(table)
+        while self.buffered >= CHUNK_ROWS:
+            merged = pa.concat_tables(self.buffer)
+            self._submit(merged.slice(0, CHUNK_ROWS).combine_chunks())
+            rest = merged.slice(CHUNK_ROWS)
+            self.buffer, self.buffered = [rest], len(rest)
+
+    def close(self) -> dict[str, str]:
+        if self.buffered:
+            self._submit(pa.concat_tables(self.buffer).combine_chunks())
+        self._drain()
+        self.pool.shutdown()
+        hashes = {}
+        for kind, writer in self.writers.items():
+            folder = "parquet" if kind == "parquet" else self.hf_dir
+            hashes.update({f"{folder}/{name}": digest for name, digest in writer.close().items()})
+        if "hf" in self.writers:
+            hashes.update(self._hf_metadata(list(self.writers["hf"].names)))
+        return dict(sorted(hashes.items()))
+
+    def _hf_metadata(self, shard_names: list[str]) -> dict[str, str]:
+        state = {
+            "_data_files": [{"filename": name} for name in shard_names],
+            "_fingerprint": self.fingerprint,
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        info = {"citation": "", "description": "", "features": self.features, "homepage": "", "license": ""}
+        hashes = {}
+        for name, body in (("state.json", state), ("dataset_info.json", info)):
+            text = json.dumps(body, indent=2, sort_keys=True)
+            (self.out / self.hf_dir / name).write_text(text)
+            hashes[f"{self.hf_dir}/{name}"] = hashlib.sha256(text.encode()).hexdigest()
+        return hashes
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Swap a finished temp folder into place; the old folder (if any) is removed only afterwards."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
