@@ -275,16 +275,17 @@ def assemble(rows: pa.Table, captioned: pa.Array, suffix: pa.Array) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=MIXTURE_SCHEMA)
 
 
-def _stream_selected(dataset, plan: pa.Table, progress: bool):
+def _stream_selected(dataset, plan: pa.Table, progress: bool, dense_fraction: float = 0.25):
     """Yield the selected ``samples`` rows in storage order, with their caption decision.
 
     ``plan`` holds ``pos`` (ascending storage positions), ``captioned`` and ``suffix``. A dense selection
-    streams the table once and keeps its rows; a sparse one takes just its rows by position.
+    streams the table once and keeps its rows; a sparse one (under ``dense_fraction`` of the table)
+    takes just its rows by position. Both yield the same rows in the same order.
     """
     positions = plan.column("pos").to_numpy()
     total_rows = dataset.count_rows()
     bar = tqdm(total=len(positions), desc="write mixture", unit="row", disable=not progress)
-    if len(positions) >= 0.25 * total_rows:
+    if len(positions) >= dense_fraction * total_rows:
         batches = dataset.to_batches(columns=PAYLOAD, batch_size=READ_BATCH_ROWS, scan_in_order=True)
         start = 0
         for batch in batches:

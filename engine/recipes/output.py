@@ -149,7 +149,7 @@ class MixtureWriter:
             )
         if "hf" in formats:
             folder = out / hf_dir
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
             names = [f"data-{i:05d}-of-{n_shards:05d}.arrow" for i in range(n_shards)]
             self.writers["hf"] = _ShardedWriter(folder, names, lambda f: pa.ipc.new_stream(f, self.schema), shard_rows)
         self.pool = ThreadPoolExecutor(max_workers=max(1, len(self.writers)))

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGES = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+TEXTS = pa.list_(pa.struct([("user", pa.string()), ("assistant", pa.string()), ("source", pa.string())]))
+
+
+def png(width: int = 8, height: int = 8, color=(200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def cauldron_parquet(path: Path, rows: list[tuple[list[bytes], list[dict]]]) -> Path:
+    """Write rows ``(images, turns)`` as one Parquet file in the Cauldron schema."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "images": pa.array([[{"bytes": b, "path": None} for b in images] for images, _ in rows], IMAGES),
+            "texts": pa.array([turns for _, turns in rows], TEXTS),
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def qa(question: str, answer: str, source: str = "test") -> list[dict]:
+    return [{"user": question, "assistant": answer, "source": source}]
+
+
+@pytest.fixture(scope="session")
+def sample_store_template(tmp_path_factory) -> Path:
+    """A store holding the bundled sample at one tenth of its size (plus its annotation captions)."""
+    from engine.ingest import ingest_sample
+    from engine.store import Store
+
+    root = tmp_path_factory.mktemp("sample")
+    ingest_sample(Store(root / "store"), root / "sample", scale=0.1, progress=False)
+    return root / "store"
+
+
+@pytest.fixture
+def sample_store(sample_store_template, tmp_path):
+    """A private copy of the sample store, free to add tables to."""
+    from engine.store import Store
+
+    target = tmp_path / "store"
+    shutil.copytree(sample_store_template, target)
+    return Store(target)
