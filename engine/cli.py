@@ -146,6 +146,96 @@ def gate(ctx, tau, basis, where, interactions_run):
     click.echo(f"run {run_id}: {k} samples selected for captioning")
 
 
+def _backend(model: str, backend: str, device: str):
+    from engine.generate import load_backend
+
+    try:
+        return load_backend(model, backend, device)
+    except (FileNotFoundError, RuntimeError, ValueError) as error:
+        raise Fail(str(error)) from None
+
+
+def _stage_summary(report, verb: str) -> None:
+    click.echo(f"{report.written} rows {verb}, {report.rejected} rejected in {report.seconds:.1f} s "
+               f"({report.samples_per_second:.2f} samples/s, {report.outside_share:.0%} of the time outside the model; "
+               f"run {report.run_id})")
+    for reason, count in sorted(report.reasons.items()):
+        click.echo(f"  rejected: {count} x {reason}")
+
+
+MODEL_HELP = "image-text-to-text model id or folder (SmolVLM/Idefics3, Qwen2.5-VL, LLaVA-OneVision, ...)"
+
+
+@main.command()
+@click.option("--model", default="Qwen/Qwen2.5-VL-32B-Instruct", show_default=True, help=MODEL_HELP)
+@click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--gate", "use_gate", is_flag=True, help="the rows the newest MI gate run selected")
+@click.option("--tier", type=float, help="the rows of this redundancy tier (u(id) < TIER)")
+@click.option("--where", help="SQL filter over facts")
+@click.option("--limit", type=int, help="at most this many rows (for trying things out)")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--max-new-tokens", default=96, show_default=True)
+@click.option("--quiet", is_flag=True)
+@click.pass_context
+def caption(ctx, model, backend, device, use_gate, tier, where, limit, batch_size, max_new_tokens, quiet):
+    """Caption the chosen rows' images (greedy); resumable, each row captioned once per captioner and prompt set."""
+    from engine.generate import caption as run_caption
+
+    report = run_caption(_store(ctx), _backend(model, backend, device), where, use_gate, tier, limit, batch_size,
+                         max_new_tokens, not quiet)
+    _stage_summary(report, "captioned")
+
+
+@main.command()
+@click.option("--model", default="HuggingFaceTB/SmolVLM-256M-Instruct", show_default=True, help=MODEL_HELP)
+@click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--where", help="SQL filter over facts")
+@click.option("--limit", type=int)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--corrupted", is_flag=True, help="score the answers of the newest corruption run where a row is corrupted")
+@click.option("--report", is_flag=True, help="instead of scoring: precision/recall of PPL and Val_PPL against the corruption flags")
+@click.option("--plot", type=click.Path(), help="with --report: write the precision-recall plot here (PNG)")
+@click.option("--quiet", is_flag=True)
+@click.pass_context
+def validate(ctx, model, backend, device, where, limit, batch_size, corrupted, report, plot, quiet):
+    """PPL and Val_PPL (self-validation) of each answer; resumable. --report evaluates them."""
+    from engine.generate import validate as run_validate
+    from engine.generate import validation_report
+
+    if report:
+        try:
+            click.echo(validation_report(_store(ctx), model, plot))
+        except LookupError as error:
+            raise Fail(str(error)) from None
+        return
+    result = run_validate(_store(ctx), _backend(model, backend, device), where, limit, batch_size, corrupted, not quiet)
+    _stage_summary(result, "scored")
+
+
+@main.command()
+@click.option("--fraction", type=float, required=True, help="share of rows to corrupt (epsilon)")
+@click.option("--where", default="split = 'train'", show_default=True, help="SQL filter over samples")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--rewrite-model", help="rewrite free-form answers with this model instead of drawing from the subset")
+@click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True)
+@click.pass_context
+def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, quiet):
+    """Deterministically corrupt a fraction of answers (for experiments), keeping the originals."""
+    from engine.generate import corrupt as run_corrupt
+
+    model = _backend(rewrite_model, backend, device) if rewrite_model else None
+    try:
+        run_id, counts = run_corrupt(_store(ctx), fraction, where, seed, model, progress=not quiet)
+    except (LookupError, ValueError) as error:
+        raise Fail(str(error)) from None
+    kinds = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("rows", "corrupted"))
+    click.echo(f"run {run_id}: {counts['corrupted']} of {counts['rows']} answers corrupted ({kinds})")
+
+
 @main.command()
 @click.argument("recipe", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

@@ -100,6 +100,8 @@ def plan_quotas(counts: list[tuple[str, str, str, int]], mixture: dict) -> tuple
     by_category: dict[str, int] = {}
     for category, _, _, n in counts:
         by_category[category] = by_category.get(category, 0) + n
+    if mixture.get("budget") == "all":
+        return dict(by_category), {(c, so, su): n for c, so, su, n in counts}
     if "category_budgets" in mixture:
         budgets = {c: min(b, by_category.get(c, 0)) for c, b in mixture["category_budgets"].items()}
     else:
@@ -203,11 +205,15 @@ def _decide(con: duckdb.DuckDBPyConnection, recipe: Recipe, expected_rows: int) 
     recipe's ``on_missing`` rule. Returns the table and the caption counts for the manifest."""
     redundancy = recipe.redundancy
     joiner = _literal(" " + (redundancy["prefix"] if redundancy else ""))
+    corrupted = recipe.data.get("answers", "original") == "corrupted"
+    replacement = "case when coalesce(f.corrupted, false) then f.replaced end" if corrupted else "NULL::VARCHAR"
+    facts_join = "left join facts f using (sample_id)" if corrupted else ""
     decisions = con.sql(
         f"""select p.pos, s.group_id, s.captioned,
-                   case when s.captioned then {joiner} || c.caption end as suffix
+                   case when s.captioned then {joiner} || c.caption end as suffix, {replacement} as replacement
         from selected s join sample_positions p using (sample_id)
         left join ({_caption_source(redundancy)}) c on s.captioned and c.sample_id = s.sample_id
+        {facts_join}
         order by p.pos"""
     ).to_arrow_table().combine_chunks()
     if len(decisions) != expected_rows:
@@ -238,9 +244,10 @@ def _decide(con: duckdb.DuckDBPyConnection, recipe: Recipe, expected_rows: int) 
     return decisions, counts
 
 
-def inject_captions(turns: pa.ListArray, suffix: pa.Array) -> pa.ListArray:
-    """Append ``suffix`` (NULL = no caption) to the user text of each row's first turn, vectorised:
-    ``text + " " + prefix + caption`` (Self-Captioning MI Tuning, §4.2)."""
+def rewrite_first_turn(turns: pa.ListArray, suffix: pa.Array, replacement: pa.Array | None = None) -> pa.ListArray:
+    """Vectorised edits of each row's first turn: append ``suffix`` (NULL = none) to the user text, i.e.
+    ``text + " " + prefix + caption`` (Self-Captioning MI Tuning, §4.2), and replace the answer by
+    ``replacement`` where it is not NULL (a corrupted mixture)."""
     flat = pc.list_flatten(turns)
     parent = pc.list_parent_indices(turns)
     lengths = pc.list_value_length(turns).fill_null(0).to_numpy(zero_copy_only=False)
@@ -250,7 +257,11 @@ def inject_captions(turns: pa.ListArray, suffix: pa.Array) -> pa.ListArray:
     first[offsets[:-1][lengths > 0]] = True
     per_turn = pc.if_else(pa.array(first), pc.take(suffix, parent), pa.nulls(len(flat), pa.string()))
     users = pc.binary_join_element_wise(flat.field("user"), per_turn, "", null_handling="replace", null_replacement="")
-    fields = pa.StructArray.from_arrays([users, flat.field("assistant"), flat.field("source")], fields=list(TURN))
+    assistants = flat.field("assistant")
+    if replacement is not None and replacement.null_count < len(replacement):
+        new_answer = pc.if_else(pa.array(first), pc.take(replacement, parent), pa.nulls(len(flat), pa.string()))
+        assistants = pc.coalesce(new_answer, assistants)
+    fields = pa.StructArray.from_arrays([users, assistants, flat.field("source")], fields=list(TURN))
     return pa.ListArray.from_arrays(pa.array(offsets), fields)
 
 
@@ -264,13 +275,14 @@ def hf_images(images: pa.ListArray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), structs)
 
 
-def assemble(rows: pa.Table, captioned: pa.Array, suffix: pa.Array) -> pa.Table:
-    """Mixture rows from ``samples`` rows plus each row's caption decision."""
+def assemble(rows: pa.Table, decision: pa.Table) -> pa.Table:
+    """Mixture rows from ``samples`` rows plus each row's decision (captioned, suffix, replacement)."""
+    column = lambda name: decision.column(name).combine_chunks()  # noqa: E731
     columns = {
         "images": hf_images(rows.column("images").combine_chunks()),
-        "texts": inject_captions(rows.column("turns").combine_chunks(), suffix),
+        "texts": rewrite_first_turn(rows.column("turns").combine_chunks(), column("suffix"), column("replacement")),
         **{name: rows.column(name) for name in ("sample_id", "source", "subset", "category", "task_kind", "label")},
-        "captioned": captioned,
+        "captioned": column("captioned"),
     }
     return pa.Table.from_pydict(columns, schema=MIXTURE_SCHEMA)
 
@@ -314,7 +326,7 @@ def _write_mixture(dataset, decisions: pa.Table, tmp: Path, recipe: Recipe, fing
     writer = MixtureWriter(tmp, output["formats"], len(decisions), output["shard_rows"], fingerprint)
     try:
         for rows, decision in _stream_selected(dataset, decisions, progress):
-            writer.write(assemble(rows, decision.column("captioned").combine_chunks(), decision.column("suffix").combine_chunks()))
+            writer.write(assemble(rows, decision))
     finally:
         hashes = writer.close()
     return hashes
@@ -354,6 +366,7 @@ def build(store: Store, recipe: Recipe, progress: bool = True) -> BuildResult:
         )
         total = len(decisions)
         budget = recipe.mixture.get("budget") or sum(recipe.mixture["category_budgets"].values())
+        budget = sum(plan["quotas"].values()) if budget == "all" else budget
         fingerprint = hashlib.sha256(f"{recipe.sha256()}|{json.dumps(versions, sort_keys=True)}".encode()).hexdigest()[:16]
         files = _write_mixture(dataset, decisions, tmp, recipe, fingerprint, progress)
         manifest = {

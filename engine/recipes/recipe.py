@@ -151,7 +151,8 @@ def _describe(error: jsonschema.ValidationError) -> tuple[tuple, str]:
         if all(requireds):
             names = " or ".join(r[0] for r in requireds)
             return path, f"give exactly one of {names}"
-        return path, f"{error.instance!r} is not valid here: {(error.schema.get('description') or error.message)}"
+        options = [repr(o["const"]) if "const" in o else o.get("type", "?") for o in error.validator_value]
+        return path, f"expected {' or '.join(options)}, got {error.instance!r}"
     if error.validator == "const":
         return path, f"expected {error.validator_value!r}, got {error.instance!r}"
     return path, error.message

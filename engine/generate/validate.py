@@ -1,0 +1,95 @@
+"""``engine validate``: how plausible a model finds each answer (PPL) and how sure it is that the answer is
+not wrong (Val_PPL, "Corrupted but Not Broken", §5.2); ``--report`` measures how well "score below a
+threshold => clean" finds the clean rows of a corrupted split (App. E.1, Figure 4)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from engine.generate.backends import Backend, Request, perplexity
+from engine.generate.stage import StageReport, prompts, run_stage, select_rows, selection_sql
+from engine.store import Store
+
+
+def validate(store: Store, backend: Backend, where: str | None = None, limit: int | None = None,
+             batch_size: int = 8, corrupted: bool = False, progress: bool = True) -> StageReport:
+    """PPL of each row's first answer given image and question, and Val_PPL: the perplexity of the model
+    answering the template's target ("No") when asked whether that answer is wrong. With ``corrupted``,
+    rows flagged by the newest corruption run are scored with their corrupted answer (the split as an
+    experiment's model sees it)."""
+    template = prompts()["validation"]
+    quoted = backend.name.replace("'", "''")
+    done = store.ids("validation", f"model = '{quoted}'")
+    rows = select_rows(store, selection_sql(where), done, limit, corrupted)
+
+    def process(batch: list[dict], requests: list[Request]) -> list[dict]:
+        answers = backend.score(requests, [row["answer"] for row in batch])
+        asked = [Request(r.images, template["template"].format(question=row["question"], answer=row["answer"]))
+                 for row, r in zip(batch, requests)]
+        verdicts = backend.score(asked, [template["target"]] * len(batch))
+        return [{"sample_id": row["sample_id"], "model": backend.name, "ppl": perplexity(a), "val_ppl": perplexity(v),
+                 "p_no": math.exp(v[0])} for row, a, v in zip(batch, answers, verdicts)]
+
+    config = {"model": backend.name, "template_id": template["id"], "where": where, "limit": limit,
+              "batch_size": batch_size, "corrupted_answers": corrupted}
+    return run_stage(store, backend, "validate", "validation", rows,
+                     lambda row, images: Request(images, row["question"]), process, batch_size, config, progress)
+
+
+def precision_recall(scores: np.ndarray, clean: np.ndarray, percentiles=range(1, 101)) -> dict[str, np.ndarray]:
+    """Precision and recall of "score < threshold => clean" with the threshold at each lower percentile of
+    the scores (App. E.1): precision = |predicted clean and clean| / |predicted clean|,
+    recall = |predicted clean and clean| / |clean|. A threshold at the 100th percentile predicts every
+    row clean."""
+    scores, clean = np.asarray(scores, float), np.asarray(clean, bool)
+    percentiles = np.asarray(list(percentiles))
+    thresholds = np.percentile(scores, percentiles)
+    precision, recall = [], []
+    for p, t in zip(percentiles, thresholds):
+        predicted = scores <= t if p == 100 else scores < t
+        hits = np.sum(predicted & clean)
+        precision.append(hits / predicted.sum() if predicted.sum() else 1.0)
+        recall.append(hits / clean.sum() if clean.sum() else 0.0)
+    return {"percentile": percentiles, "threshold": thresholds, "precision": np.array(precision), "recall": np.array(recall)}
+
+
+def validation_report(store: Store, model: str, plot_path: str | None = None, corruption_run: str | None = None) -> str:
+    """Table (and optional PNG plot) of precision/recall for PPL and Val_PPL on the rows that have both a
+    validation score from ``model`` and a corruption flag."""
+    con, _ = store.connect({"corruption": {"run_id": corruption_run}} if corruption_run else None)
+    quoted = model.replace("'", "''")
+    rows = con.execute(
+        f"""select v.ppl, v.val_ppl, coalesce(f.corrupted, false) from validation v join facts f using (sample_id)
+        where v.model = '{quoted}' and f.corrupted is not null"""
+    ).fetchall()
+    if not rows:
+        raise LookupError(f"no rows with both a validation score from {model!r} and a corruption flag; run `engine corrupt` and `engine validate`")
+    ppl, val_ppl, corrupted = (np.array(c) for c in zip(*rows))
+    clean = ~corrupted.astype(bool)
+    curves = {"PPL": precision_recall(ppl, clean), "Val_PPL": precision_recall(val_ppl, clean)}
+    lines = [f"{len(rows)} rows, {int(clean.sum())} clean, {int((~clean).sum())} corrupted ({(~clean).mean():.0%})",
+             f"{'percentile':>10} " + " ".join(f"{name + ' ' + m:>18}" for name in curves for m in ("precision", "recall"))]
+    for index in (0, 4, 9, 24, 49, 74, 99):
+        cells = " ".join(f"{curves[n][m][index]:>18.3f}" for n in curves for m in ("precision", "recall"))
+        lines.append(f"{curves['PPL']['percentile'][index]:>10} {cells}")
+    if plot_path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(5, 4))
+        for name, style in (("Val_PPL", "-"), ("PPL", ":")):
+            axis.plot(curves[name]["recall"], curves[name]["precision"], style, label=name)
+        axis.set_xlabel("recall (clean rows found)")
+        axis.set_ylabel("precision (share of kept rows that are clean)")
+        axis.set_title(f"score below threshold => clean\n{model}")
+        axis.set_ylim(0, 1.02)
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(plot_path, dpi=120)
+        plt.close(figure)
+        lines.append(f"plot: {plot_path}")
+    return "\n".join(lines)
