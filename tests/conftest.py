@@ -61,3 +61,11 @@ def sample_store(sample_store_template, tmp_path):
     target = tmp_path / "store"
     shutil.copytree(sample_store_template, target)
     return Store(target)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> str:
+    """Folder of a tiny SmolVLM-architecture model (see tests/tiny_models.py)."""
+    from tiny_models import build_tiny_smolvlm
+
+    return str(build_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm")))

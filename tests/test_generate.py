@@ -1,0 +1,266 @@
+"""Model-driven columns: backends, captions, self-validation, corruption."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import REPO, cauldron_parquet, png, qa
+from engine.cli import main
+from engine.generate import (Request, caption, corrupt, load_backend, perplexity, precision_recall, validate,
+                             validation_report)
+from engine.generate.corrupt import offered_letters
+from engine.ingest import ingest
+from engine.ingest.cauldron import ParquetFolderSource
+from engine.recipes import build, load_recipe
+from engine.store import Store
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_vlm):
+    return load_backend(tiny_vlm)
+
+
+def image(color=(200, 30, 30), size=(40, 30)):
+    return Image.new("RGB", size, color)
+
+
+# -- backends ---------------------------------------------------------------------------------------------
+
+def test_batched_generation_equals_one_at_a_time(backend):
+    requests = [Request([image()], "Describe this image."),
+                Request([image((0, 0, 200), (64, 64))], "what color is the shape? Answer with one word please.")]
+    batched = backend.generate(requests, max_new_tokens=6)
+    alone = [backend.generate([r], max_new_tokens=6)[0] for r in requests]
+    assert [g.text for g in batched] == [g.text for g in alone]  # left padding does not change greedy output
+    assert batched[0].tokens <= 6 and backend.generate(requests, max_new_tokens=6) == batched
+
+
+def test_scores_are_the_log_probabilities_of_the_target(backend):
+    requests = [Request([image()], "what color is the shape?"), Request([image((0, 200, 0))], "Is it round?")]
+    targets = ["red circle", "No"]
+    batched = backend.score(requests, targets)
+    for request, target, scores in zip(requests, targets, batched):
+        # reference: one unpadded forward over prompt + target, read the target's tokens
+        processor, model = backend.processor, backend.model
+        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request.text}]}],
+                                               add_generation_prompt=True)
+        inputs = processor(text=[prompt], images=[request.images], return_tensors="pt")
+        target_ids = processor.tokenizer(target, add_special_tokens=False)["input_ids"]
+        ids = torch.cat([inputs["input_ids"], torch.tensor([target_ids])], dim=1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], pixel_attention_mask=inputs["pixel_attention_mask"]).logits
+        log_probs = torch.log_softmax(logits[0, -len(target_ids) - 1 : -1], dim=-1)
+        expected = [float(log_probs[i, t]) for i, t in enumerate(target_ids)]
+        assert scores == pytest.approx(expected, abs=1e-4)
+
+
+def test_perplexity_is_exp_of_mean_negative_log_likelihood():
+    assert perplexity([math.log(0.5), math.log(0.125)]) == pytest.approx(4.0)  # exp((ln 2 + ln 8) / 2)
+
+
+def test_missing_model_fails_at_start_with_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["--store", str(tmp_path / "s"), "caption", "--model", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "cannot load model" in result.output
+    result = CliRunner().invoke(main, ["--store", str(tmp_path / "s"), "caption", "--model", "no-such-model"])
+    assert result.exit_code == 2 and "neither a local folder nor a hub id" in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the vLLM backend needs a CUDA GPU")
+def test_vllm_backend_matches_transformers(tiny_vlm):
+    vllm_backend = load_backend(tiny_vlm, "vllm")
+    transformers_backend = load_backend(tiny_vlm)
+    requests = [Request([image()], "Describe this image.")]
+    assert vllm_backend.generate(requests, 8)[0].text == transformers_backend.generate(requests, 8)[0].text
+
+
+def test_vllm_backend_refuses_without_cuda(tiny_vlm):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        load_backend(tiny_vlm, "vllm")
+
+
+# -- stages -----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_store(tmp_path):
+    """Twelve vqav2 rows with class-like answers, one broken image and one overlong question."""
+    good = png(16, 16)
+    rows = [([good], qa(f"what color is shape {i}?", ["red", "blue", "green"][i % 3], "vqav2")) for i in range(12)]
+    rows.append(([good], qa("word " * 400, "red", "vqav2")))  # longer than the 256-token context
+    cauldron_parquet(tmp_path / "src" / "vqav2" / "train-00000-of-00001.parquet", rows)
+    store = Store(tmp_path / "store")
+    ingest(store, ParquetFolderSource(tmp_path / "src"), progress=False)
+    # a row whose stored image no longer decodes (ingest rejects such rows; stages must cope anyway)
+    store.append("samples", [{"sample_id": "cauldron:vqav2:train:99", "source": "cauldron", "subset": "vqav2", "split": "train",
+                              "category": "Real-world VQA", "images": [b"broken"], "turns": qa("q", "red", "vqav2")}])
+    return store
+
+
+def test_caption_writes_each_row_once_and_rejects_what_it_cannot_use(small_store, backend):
+    report = caption(small_store, backend, max_new_tokens=5, batch_size=4, progress=False)
+    assert (report.written, report.rejected) == (13, 1)  # the caption prompt does not include the long question
+    rejects = {r["sample_id"]: r["reason"] for r in small_store.arrow("rejects").to_pylist() if r["stage"] == "caption"}
+    assert rejects == {"cauldron:vqav2:train:99": rejects["cauldron:vqav2:train:99"]}
+    assert rejects["cauldron:vqav2:train:99"].startswith("image cannot be decoded")
+    captions = small_store.arrow("captions").to_pylist()
+    assert len({c["sample_id"] for c in captions}) == 13 == len(captions)
+    assert {c["prompt_id"] for c in captions} == {"caption-v1"} and all(c["tokens"] <= 5 for c in captions)
+    again = caption(small_store, backend, max_new_tokens=5, progress=False)
+    assert again.written == 0  # done rows are skipped (the rejected ones are tried again, and rejected again)
+
+
+def test_caption_selection_by_tier_where_gate_and_limit(small_store, backend):
+    from engine.recipes import in_tier
+
+    caption(small_store, backend, tier=0.5, where="subset = 'vqav2' and sample_id != 'cauldron:vqav2:train:12'",
+            max_new_tokens=3, progress=False)
+    got = {c["sample_id"] for c in small_store.arrow("captions").to_pylist()}
+    expected = {f"cauldron:vqav2:train:{i}" for i in range(12) if in_tier("redundancy-tier", f"cauldron:vqav2:train:{i}", 0.5)}
+    assert got == expected
+    small_store.append("gate", [{"sample_id": "cauldron:vqav2:train:3", "run_id": "gate-1", "selected": True},
+                                {"sample_id": "cauldron:vqav2:train:4", "run_id": "gate-1", "selected": False}])
+    report = caption(small_store, backend, gate=True, max_new_tokens=3, progress=False)
+    assert report.written == (0 if "cauldron:vqav2:train:3" in expected else 1)
+    assert caption(small_store, backend, where="sample_id < 'cauldron:vqav2:train:2'", limit=1, max_new_tokens=3,
+                   progress=False).written <= 1
+
+
+def test_a_killed_caption_run_finishes_every_row_exactly_once(tmp_path, tiny_vlm):
+    rows = [([png(12, 12, (i, 0, 0))], qa(f"question {i}", "red", "vqav2")) for i in range(120)]
+    cauldron_parquet(tmp_path / "src" / "vqav2" / "train-00000-of-00001.parquet", rows)
+    store_path = tmp_path / "store"
+    ingest(Store(store_path), ParquetFolderSource(tmp_path / "src"), progress=False)
+    command = [sys.executable, "-m", "engine.cli", "--store", str(store_path), "caption", "--model", tiny_vlm,
+               "--batch-size", "2", "--max-new-tokens", "4", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    versions = store_path / "captions.lance" / "_versions"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if versions.exists() and len(list(versions.iterdir())) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the caption run finished before it could be killed"
+    partial = Store(store_path).table("captions").count_rows()
+    assert 0 < partial < 120
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ids = Store(store_path).arrow("captions", ["sample_id"]).column("sample_id").to_pylist()
+    assert len(ids) == 120 == len(set(ids))
+
+
+def test_validate_writes_ppl_val_ppl_and_p_no(small_store, backend):
+    report = validate(small_store, backend, batch_size=4, progress=False)
+    assert (report.written, report.rejected) == (12, 2)
+    rejects = {r["sample_id"]: r["reason"] for r in small_store.arrow("rejects").to_pylist() if r["stage"] == "validate"}
+    assert rejects["cauldron:vqav2:train:99"].startswith("image cannot be decoded")
+    assert "more than the model context of 256" in rejects["cauldron:vqav2:train:12"]
+    rows = small_store.arrow("validation").to_pylist()
+    no_tokens = backend.processor.tokenizer("No", add_special_tokens=False)["input_ids"]
+    for row in rows:
+        assert row["ppl"] > 1 and row["val_ppl"] > 1 and 0 < row["p_no"] < 1
+        if len(no_tokens) == 1:
+            assert row["val_ppl"] == pytest.approx(1 / row["p_no"], rel=1e-6)  # one token: PPL = 1 / p("No")
+    assert validate(small_store, backend, progress=False).written == 0  # done rows are skipped
+
+
+def test_precision_recall_on_a_hand_made_table():
+    scores = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], float)
+    clean = np.array([1, 1, 1, 0, 1, 0, 1, 0, 0, 0], bool)
+    curve = precision_recall(scores, clean, percentiles=[25, 50, 100])
+    # thresholds 3.25, 5.5, 10: predicted clean = scores below them (all rows at the 100th)
+    assert curve["threshold"].tolist() == [3.25, 5.5, 10.0]
+    assert curve["precision"].tolist() == pytest.approx([1.0, 4 / 5, 5 / 10])
+    assert curve["recall"].tolist() == pytest.approx([3 / 5, 4 / 5, 1.0])
+
+
+def test_corruption_is_deterministic_and_stays_in_the_answer_space(sample_store):
+    first_run, counts = corrupt(sample_store, 0.4, seed=3, progress=False)
+    second_run, again = corrupt(sample_store, 0.4, seed=3, progress=False)
+    assert counts == again
+    table = sample_store.arrow("corruption").to_pylist()
+    first = {r["sample_id"]: r for r in table if r["run_id"] == first_run}
+    second = {r["sample_id"]: r for r in table if r["run_id"] == second_run}
+    assert {k: (v["corrupted"], v["replaced"]) for k, v in first.items()} == {k: (v["corrupted"], v["replaced"]) for k, v in second.items()}
+    n = counts["rows"]
+    assert n == 380 and abs(counts["corrupted"] / n - 0.4) < 4 * math.sqrt(0.24 / n)
+    labels = {}
+    for row in sample_store.arrow("samples", ["sample_id", "subset", "label"]).to_pylist():
+        if row["label"] is not None:
+            labels.setdefault(row["subset"], set()).add(row["label"])
+    subset_of = {r["sample_id"]: r["subset"] for r in sample_store.arrow("samples", ["sample_id", "subset"]).to_pylist()}
+    for row in first.values():
+        if row["corrupted"]:
+            assert row["replaced"] != row["original"]
+            if row["kind"] == "option_swap":
+                assert row["replaced"] in labels[subset_of[row["sample_id"]]]
+        else:
+            assert row["replaced"] is None and row["kind"] is None
+
+
+def test_multiple_choice_letters_swap_to_another_offered_letter(tmp_path):
+    assert offered_letters("Which is red?\nA. apple\nB. sky\nC. grass") == ["A", "B", "C"]
+    assert offered_letters("Choose: (A) one (B) two") == ["A", "B"]
+    rows = [([png()], qa("Which is red?\nA. apple\nB. sky\nC. grass\nAnswer with the letter.", "A", "scienceqa")) for _ in range(40)]
+    cauldron_parquet(tmp_path / "src" / "scienceqa" / "train-00000-of-00001.parquet", rows)
+    store = Store(tmp_path / "store")
+    ingest(store, ParquetFolderSource(tmp_path / "src"), progress=False)
+    _, counts = corrupt(store, 1.0, progress=False)
+    flags = store.arrow("corruption").to_pylist()
+    assert counts["option_swap"] == 40 and {f["replaced"] for f in flags} <= {"B", "C"}
+
+
+def test_corrupted_mixture_and_val_ppl_post_training_recipe(small_store, backend, tmp_path):
+    corrupt(small_store, 0.5, where="sample_id not in ('cauldron:vqav2:train:12', 'cauldron:vqav2:train:99')", progress=False)
+    validate(small_store, backend, where="sample_id not in ('cauldron:vqav2:train:12', 'cauldron:vqav2:train:99')",
+             corrupted=True, progress=False)
+    flags = {r["sample_id"]: r for r in small_store.arrow("corruption").to_pylist()}
+    recipe = load_recipe(REPO / "recipes" / "val_ppl_clean_25.yaml", [f"output.path={tmp_path / 'post'}"])
+    manifest = build(small_store, recipe, progress=False).manifest
+    val_ppl = sorted(r["val_ppl"] for r in small_store.arrow("validation").to_pylist())
+    assert manifest["rows"]["total"] == sum(v <= np.quantile(val_ppl, 0.25) for v in val_ppl) == 3
+    import pyarrow.parquet as pq
+
+    for row in pq.read_table(tmp_path / "post" / "parquet").to_pylist():
+        flag = flags[row["sample_id"]]
+        expected = flag["replaced"] if flag["corrupted"] else flag["original"]
+        assert row["texts"][0]["assistant"] == expected
+    text = validation_report(small_store, backend.name, str(tmp_path / "pr.png"))
+    assert "12 rows" in text and "Val_PPL precision" in text
+    assert (tmp_path / "pr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_rewrite_corrupts_free_form_answers(small_store, backend):
+    _, counts = corrupt(small_store, 1.0, where="sample_id in ('cauldron:vqav2:train:0', 'cauldron:vqav2:train:1')",
+                        backend=backend, progress=False)
+    assert counts["rows"] == 2
+    flags = small_store.arrow("corruption").to_pylist()
+    for flag in flags:
+        if flag["corrupted"]:
+            assert flag["kind"] == "model_rewrite" and flag["replaced"] != flag["original"]
+
+
+def test_cli_caption_validate_corrupt_report(small_store, tiny_vlm, tmp_path):
+    runner = CliRunner()
+    store = ["--store", str(small_store.root)]
+    captioned = runner.invoke(main, [*store, "caption", "--model", tiny_vlm, "--limit", "3", "--max-new-tokens", "3", "--quiet"])
+    assert captioned.exit_code == 0 and "3 rows captioned" in captioned.output and "samples/s" in captioned.output
+    corrupted = runner.invoke(main, [*store, "corrupt", "--fraction", "0.5", "--where", "sample_id < 'cauldron:vqav2:train:12'"])
+    assert corrupted.exit_code == 0 and "answers corrupted" in corrupted.output
+    scored = runner.invoke(main, [*store, "validate", "--model", tiny_vlm, "--where", "sample_id < 'cauldron:vqav2:train:12'",
+                                  "--corrupted", "--quiet"])
+    assert scored.exit_code == 0, scored.output
+    report = runner.invoke(main, [*store, "validate", "--model", tiny_vlm, "--report", "--plot", str(tmp_path / "p.png")])
+    assert report.exit_code == 0 and "PPL precision" in report.output and (tmp_path / "p.png").exists()
