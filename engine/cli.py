@@ -176,14 +176,15 @@ MODEL_HELP = "image-text-to-text model id or folder (SmolVLM/Idefics3, Qwen2.5-V
 @click.option("--limit", type=int, help="at most this many rows (for trying things out)")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--max-new-tokens", default=96, show_default=True)
+@click.option("--commit-rows", default=64, show_default=True, help="commit whenever this many rows are done")
 @click.option("--quiet", is_flag=True)
 @click.pass_context
-def caption(ctx, model, backend, device, use_gate, tier, where, limit, batch_size, max_new_tokens, quiet):
+def caption(ctx, model, backend, device, use_gate, tier, where, limit, batch_size, max_new_tokens, commit_rows, quiet):
     """Caption the chosen rows' images (greedy); resumable, each row captioned once per captioner and prompt set."""
     from engine.generate import caption as run_caption
 
     report = run_caption(_store(ctx), _backend(model, backend, device), where, use_gate, tier, limit, batch_size,
-                         max_new_tokens, not quiet)
+                         max_new_tokens, not quiet, commit_rows=commit_rows)
     _stage_summary(report, "captioned")
 
 
@@ -197,9 +198,10 @@ def caption(ctx, model, backend, device, use_gate, tier, where, limit, batch_siz
 @click.option("--corrupted", is_flag=True, help="score the answers of the newest corruption run where a row is corrupted")
 @click.option("--report", is_flag=True, help="instead of scoring: precision/recall of PPL and Val_PPL against the corruption flags")
 @click.option("--plot", type=click.Path(), help="with --report: write the precision-recall plot here (PNG)")
+@click.option("--commit-rows", default=64, show_default=True, help="commit whenever this many rows are done")
 @click.option("--quiet", is_flag=True)
 @click.pass_context
-def validate(ctx, model, backend, device, where, limit, batch_size, corrupted, report, plot, quiet):
+def validate(ctx, model, backend, device, where, limit, batch_size, corrupted, report, plot, commit_rows, quiet):
     """PPL and Val_PPL (self-validation) of each answer; resumable. --report evaluates them."""
     from engine.generate import validate as run_validate
     from engine.generate import validation_report
@@ -210,7 +212,8 @@ def validate(ctx, model, backend, device, where, limit, batch_size, corrupted, r
         except LookupError as error:
             raise Fail(str(error)) from None
         return
-    result = run_validate(_store(ctx), _backend(model, backend, device), where, limit, batch_size, corrupted, not quiet)
+    result = run_validate(_store(ctx), _backend(model, backend, device), where, limit, batch_size, corrupted, not quiet,
+                          commit_rows)
     _stage_summary(result, "scored")
 
 

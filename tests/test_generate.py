@@ -142,7 +142,7 @@ def test_a_killed_caption_run_finishes_every_row_exactly_once(tmp_path, tiny_vlm
     store_path = tmp_path / "store"
     ingest(Store(store_path), ParquetFolderSource(tmp_path / "src"), progress=False)
     command = [sys.executable, "-m", "engine.cli", "--store", str(store_path), "caption", "--model", tiny_vlm,
-               "--batch-size", "2", "--max-new-tokens", "4", "--quiet"]
+               "--batch-size", "2", "--commit-rows", "2", "--max-new-tokens", "4", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     versions = store_path / "captions.lance" / "_versions"

@@ -49,8 +49,8 @@ class Backend(ABC):
     model_seconds: float = 0.0
 
     @abstractmethod
-    def generate(self, requests: list[Request], max_new_tokens: int = 96) -> list[Generation]:
-        """Greedy continuations of the chat prompts."""
+    def generate(self, requests: list[Request], max_new_tokens: int = 96, min_new_tokens: int = 0) -> list[Generation]:
+        """Greedy continuations of the chat prompts (``min_new_tokens`` fixes lengths for benchmarks)."""
 
     @abstractmethod
     def score(self, requests: list[Request], targets: list[str]) -> list[list[float]]:
@@ -89,6 +89,9 @@ class TransformersBackend(Backend):
         self.processor.tokenizer.padding_side = "left"  # decoder-only batching
         self.name, self.device = model, device
         self.model_seconds = 0.0
+        import inspect
+
+        self.trims_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     @property
     def context_length(self) -> int:
@@ -110,13 +113,13 @@ class TransformersBackend(Backend):
             raise PromptTooLong(too_long, self.context_length)
         return inputs.to(self.device)
 
-    def generate(self, requests: list[Request], max_new_tokens: int = 96) -> list[Generation]:
+    def generate(self, requests: list[Request], max_new_tokens: int = 96, min_new_tokens: int = 0) -> list[Generation]:
         import torch
 
         inputs = self._inputs(requests, [max_new_tokens] * len(requests))
         start = time.perf_counter()
         with torch.no_grad():
-            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False)
         self.model_seconds += time.perf_counter() - start
         new = output[:, inputs["input_ids"].shape[1] :]
         eos = self.processor.tokenizer.eos_token_id
@@ -140,15 +143,18 @@ class TransformersBackend(Backend):
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        keep = max(len(t) for t in target_ids) + 1  # only the last positions predict targets (left padding)
+        if self.trims_logits:
+            extra["logits_to_keep"] = keep
         start = time.perf_counter()
         with torch.no_grad():
-            logits = self.model(input_ids=input_ids, attention_mask=attention, **extra).logits
+            logits = self.model(input_ids=input_ids, attention_mask=attention, **extra).logits[:, -keep:]
         self.model_seconds += time.perf_counter() - start
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         scores = []
         for row, target in enumerate(target_ids):
             n = len(target)
-            positions = torch.arange(width - n - 1, width - 1, device=self.device)  # logits that predict the target
+            positions = torch.arange(keep - n - 1, keep - 1, device=self.device)  # logits that predict the target
             picked = log_probs[row, positions, torch.tensor(target, device=self.device)]
             scores.append(picked.tolist())
         return scores
@@ -194,13 +200,13 @@ class VLLMBackend(Backend):
         if too_long:
             raise PromptTooLong(too_long, self.context_length)
 
-    def generate(self, requests: list[Request], max_new_tokens: int = 96) -> list[Generation]:
+    def generate(self, requests: list[Request], max_new_tokens: int = 96, min_new_tokens: int = 0) -> list[Generation]:
         from vllm import SamplingParams
 
         self._check(requests, max_new_tokens)
         start = time.perf_counter()
-        outputs = self.llm.generate([self._prompt(r) for r in requests],
-                                    SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, min_tokens=min_new_tokens)
+        outputs = self.llm.generate([self._prompt(r) for r in requests], params, use_tqdm=False)
         self.model_seconds += time.perf_counter() - start
         return [Generation(o.outputs[0].text.strip(), len(o.outputs[0].token_ids)) for o in outputs]
 

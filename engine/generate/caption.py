@@ -14,7 +14,8 @@ def caption_prompt(subset: str) -> str:
 
 
 def caption(store: Store, backend: Backend, where: str | None = None, gate: bool = False, tier: float | None = None,
-            limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 96, progress: bool = True) -> StageReport:
+            limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 96, progress: bool = True,
+            min_new_tokens: int = 0, commit_rows: int = 64) -> StageReport:
     """Caption the chosen rows that have no caption yet from this captioner and prompt set."""
     prompt_id = prompts()["caption"]["id"]
     quoted = backend.name.replace("'", "''")
@@ -23,7 +24,7 @@ def caption(store: Store, backend: Backend, where: str | None = None, gate: bool
 
     def process(batch: list[dict], requests: list[Request]) -> list[dict]:
         before = backend.model_seconds
-        generations = backend.generate(requests, max_new_tokens)
+        generations = backend.generate(requests, max_new_tokens, min_new_tokens)
         seconds = (backend.model_seconds - before) / len(batch)  # the batch's model time, split evenly
         return [{"sample_id": row["sample_id"], "captioner": backend.name, "prompt_id": prompt_id,
                  "caption": g.text, "tokens": g.tokens, "seconds": seconds} for row, g in zip(batch, generations)]
@@ -31,4 +32,5 @@ def caption(store: Store, backend: Backend, where: str | None = None, gate: bool
     config = {"captioner": backend.name, "prompt_id": prompt_id, "where": where, "gate": gate, "tier": tier,
               "limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "greedy": True}
     return run_stage(store, backend, "caption", "captions", rows,
-                     lambda row, images: Request(images, caption_prompt(row["subset"])), process, batch_size, config, progress)
+                     lambda row, images: Request(images, caption_prompt(row["subset"])), process, batch_size, config, progress,
+                     commit_rows)

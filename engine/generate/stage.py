@@ -73,8 +73,9 @@ class StageReport:
 
 def run_stage(store: Store, backend: Backend, stage: str, table: str, rows: pa.Table,
               build_request: Callable[[dict, list], Request], process: Callable[[list[dict], list[Request]], list[dict]],
-              batch_size: int, config: dict, progress: bool = True) -> StageReport:
-    """Run ``process`` over ``rows`` in batches of ``batch_size``; each batch is one commit to ``table``.
+              batch_size: int, config: dict, progress: bool = True, commit_rows: int = 64) -> StageReport:
+    """Run ``process`` over ``rows`` in batches of ``batch_size``, committing to ``table`` whenever
+    ``commit_rows`` results are pending (and at the end): a kill loses at most that much work.
 
     ``build_request(row, images)`` makes the prompt; ``process(rows, requests)`` returns the table rows.
     """
@@ -83,14 +84,25 @@ def run_stage(store: Store, backend: Backend, stage: str, table: str, rows: pa.T
     clock = time.perf_counter()
     model_before = backend.model_seconds
     bar = tqdm(total=len(rows), desc=f"{stage} ({backend.name})", unit="sample", disable=not progress)
+    pending, rejects = [], []
+
+    def commit() -> None:
+        if rejects:  # rejects first: a kill between the two commits just redoes the good rows
+            store.append("rejects", rejects)
+        if pending:
+            store.append(table, pending)
+        pending.clear()
+        rejects.clear()
+
     for start in range(0, len(rows), batch_size):
         batch = rows.slice(start, batch_size).to_pylist()
-        good, requests, rejects = [], [], []
+        good, requests = [], []
 
         def reject(row: dict, reason: str) -> None:
             rejects.append({"sample_id": row["sample_id"], "stage": stage, "reason": reason, "run_id": report.run_id})
             kind = reason.split(" (")[0]
             report.reasons[kind] = report.reasons.get(kind, 0) + 1
+            report.rejected += 1
 
         for row in batch:
             try:
@@ -111,13 +123,12 @@ def run_stage(store: Store, backend: Backend, stage: str, table: str, rows: pa.T
                     del good[index], requests[index]
         for result in results:
             result["run_id"] = report.run_id
-        if rejects:
-            store.append("rejects", rejects)
-        if results:
-            store.append(table, results)
+        pending.extend(results)
         report.written += len(results)
-        report.rejected += len(rejects)
+        if len(pending) + len(rejects) >= commit_rows:
+            commit()
         bar.update(len(batch))
+    commit()
     bar.close()
     report.seconds = time.perf_counter() - clock
     report.model_seconds = backend.model_seconds - model_before

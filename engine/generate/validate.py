@@ -8,13 +8,13 @@ import math
 
 import numpy as np
 
-from engine.generate.backends import Backend, Request, perplexity
+from engine.generate.backends import Backend, PromptTooLong, Request, perplexity
 from engine.generate.stage import StageReport, prompts, run_stage, select_rows, selection_sql
 from engine.store import Store
 
 
 def validate(store: Store, backend: Backend, where: str | None = None, limit: int | None = None,
-             batch_size: int = 8, corrupted: bool = False, progress: bool = True) -> StageReport:
+             batch_size: int = 8, corrupted: bool = False, progress: bool = True, commit_rows: int = 64) -> StageReport:
     """PPL of each row's first answer given image and question, and Val_PPL: the perplexity of the model
     answering the template's target ("No") when asked whether that answer is wrong. With ``corrupted``,
     rows flagged by the newest corruption run are scored with their corrupted answer (the split as an
@@ -25,17 +25,24 @@ def validate(store: Store, backend: Backend, where: str | None = None, limit: in
     rows = select_rows(store, selection_sql(where), done, limit, corrupted)
 
     def process(batch: list[dict], requests: list[Request]) -> list[dict]:
-        answers = backend.score(requests, [row["answer"] for row in batch])
         asked = [Request(r.images, template["template"].format(question=row["question"], answer=row["answer"]))
                  for row, r in zip(batch, requests)]
-        verdicts = backend.score(asked, [template["target"]] * len(batch))
+        # both scores in one forward pass: the answer after its question, then "No" after the self-check
+        try:
+            scores = backend.score(requests + asked, [row["answer"] for row in batch] + [template["target"]] * len(batch))
+        except PromptTooLong as error:  # report the batch rows, not the positions in the doubled batch
+            rows: dict[int, int] = {}
+            for index, tokens in error.rows.items():
+                rows[index % len(batch)] = max(tokens, rows.get(index % len(batch), 0))
+            raise PromptTooLong(rows, error.context) from None
+        answers, verdicts = scores[: len(batch)], scores[len(batch) :]
         return [{"sample_id": row["sample_id"], "model": backend.name, "ppl": perplexity(a), "val_ppl": perplexity(v),
                  "p_no": math.exp(v[0])} for row, a, v in zip(batch, answers, verdicts)]
 
     config = {"model": backend.name, "template_id": template["id"], "where": where, "limit": limit,
               "batch_size": batch_size, "corrupted_answers": corrupted}
     return run_stage(store, backend, "validate", "validation", rows,
-                     lambda row, images: Request(images, row["question"]), process, batch_size, config, progress)
+                     lambda row, images: Request(images, row["question"]), process, batch_size, config, progress, commit_rows)
 
 
 def precision_recall(scores: np.ndarray, clean: np.ndarray, percentiles=range(1, 101)) -> dict[str, np.ndarray]:

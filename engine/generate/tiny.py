@@ -1,0 +1,68 @@
+"""Models of real architectures built from config, with random weights and a tokenizer trained on the spot,
+saved to a folder: tests and benchmarks load them through the same code users run, with no hub access.
+
+- ``tiny``: an Idefics3 (SmolVLM) model of a few hundred thousand parameters, well under a second per call.
+- ``smolvlm-256m``: the layer sizes of SmolVLM-256M (SigLIP-B/16 vision tower at 512 px, 30-layer 576-wide
+  SmolLM2 text model, 64 image tokens): random weights, but honest compute for throughput figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+CORPUS = [
+    "User: Describe this image in one or two sentences. Mention what the image depicts and quote any text shown.",
+    "Assistant: A single red circle drawn on a plain light background.",
+    "Proposed answer: blue Is the proposed answer wrong? Answer Yes or No. No Yes No",
+    "what color is the shape? what shape is in the image? circle rectangle triangle red blue green yellow gray teal",
+    "Write a plausible but incorrect answer to this question, in the same style and length as the correct one.",
+]
+
+
+SIZES = {
+    "tiny": dict(text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+                 vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+                 scale_factor=2, vocab_size=None),
+    "smolvlm-256m": dict(text=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3),
+                         vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=512, patch_size=16),
+                         scale_factor=4, vocab_size=49280),
+}
+
+
+def build_tiny_smolvlm(folder: Path, context: int = 256, size: str = "tiny") -> Path:
+    """An Idefics3 (SmolVLM) model of the given ``size`` (see ``SIZES``), saved with its processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
+                              Idefics3Processor, LlamaConfig, PreTrainedTokenizerFast)
+
+    special = ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>", "<global-img>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<|im_start|>", eos_token="<end_of_utterance>", model_max_length=context)
+    fast.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>"]})
+    shape = SIZES[size]
+    text = LlamaConfig(vocab_size=shape["vocab_size"] or len(fast), max_position_embeddings=context, pad_token_id=fast.pad_token_id,
+                       bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, **shape["text"])
+    config = Idefics3Config(vision_config=shape["vision"], text_config=text.to_dict(), scale_factor=shape["scale_factor"],
+                            image_token_id=fast.convert_tokens_to_ids("<image>"), pad_token_id=fast.pad_token_id)
+    image_size = shape["vision"]["image_size"]
+    image_tokens = (image_size // shape["vision"]["patch_size"]) ** 2 // shape["scale_factor"] ** 2
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    Idefics3ForConditionalGeneration(config).save_pretrained(folder)
+    image_processor = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": image_size},
+                                             max_image_size={"longest_edge": image_size})
+    Idefics3Processor(image_processor=image_processor, tokenizer=fast, image_seq_len=image_tokens,
+                      chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+    return folder
