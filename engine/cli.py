@@ -257,6 +257,8 @@ def build(ctx, recipe, overrides, quiet):
         raise Fail(str(error)) from None
     rows = result.manifest["rows"]
     click.echo(f"{rows['total']} rows ({rows['captioned']} captioned) -> {result.path}")
+    if rows.get("variants"):
+        click.echo("  perturbed variants: " + ", ".join(f"{k} {v}" for k, v in rows["variants"].items()))
     if rows["shortfall"]:
         click.echo(f"  warning: the store had {rows['shortfall']} rows fewer than the budget {rows['budget']}")
     width = max(len(c) for c in rows["by_category"]) if rows["by_category"] else 8

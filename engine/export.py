@@ -28,13 +28,13 @@ select images,
                            [struct_pack(type := 'text', text := t.user)])),
            struct_pack(role := 'assistant', content := [struct_pack(type := 'text', text := t.assistant)])
        ])) as messages,
-       sample_id, source, subset, category, captioned
+       sample_id, source, subset, category, captioned, origin_id, perturbation
 from read_parquet({files})
 """
 CONTENT = pa.list_(pa.struct([("type", pa.string()), ("text", pa.string())]))
 MESSAGES_SCHEMA = pa.schema(
     [MIXTURE_SCHEMA.field("images"), ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", CONTENT)])))]
-    + [MIXTURE_SCHEMA.field(name) for name in ("sample_id", "source", "subset", "category", "captioned")]
+    + [MIXTURE_SCHEMA.field(name) for name in ("sample_id", "source", "subset", "category", "captioned", "origin_id", "perturbation")]
 )
 
 
@@ -44,7 +44,7 @@ def messages_features() -> dict:
     value = {"dtype": "string", "_type": "Value"}
     content = {"feature": {"type": value, "text": value}, "_type": "List"}
     features = {"images": base["images"], "messages": {"feature": {"role": value, "content": content}, "_type": "List"}}
-    features.update({k: base[k] for k in ("sample_id", "source", "subset", "category", "captioned")})
+    features.update({k: base[k] for k in ("sample_id", "source", "subset", "category", "captioned", "origin_id", "perturbation")})
     return features
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from engine.generate.backends import Backend, Request, decode_images
 from engine.generate.stage import prompts
-from engine.recipes.mixture import hash_u64, tier_threshold
+from engine.hashing import hash_u64, tier_threshold
 from engine.store import Store, new_run_id
 
 _OPTION = re.compile(r"(?:^|\s|\()([A-H])[\.\):]\s")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from engine.generate.backends import Backend, PromptTooLong, Request, decode_images
 from engine.paths import RECIPES_DIR
-from engine.recipes.mixture import hash_u64_sql, tier_threshold
+from engine.hashing import hash_u64_sql, tier_threshold
 from engine.store import Store, new_run_id
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 from engine.embed import load_vectors
 from engine.interactions.estimator import LSMIConfig, LSMIResult, estimate
 from engine.interactions.pid import decompose, exact_pid
-from engine.recipes.mixture import hash_u64
+from engine.hashing import hash_u64
 from engine.store import Store, new_run_id
 
 __all__ = ["LSMIConfig", "LSMIResult", "assign_folds", "decompose", "estimate", "exact_pid", "gate", "score"]

@@ -22,7 +22,10 @@ from tqdm.auto import tqdm
 
 from engine import __version__
 from engine.categories import categories
-from engine.recipes.mixture import allocate, hash_u64_sql, temperature_weights, tier_threshold
+from engine.hashing import hash_u64_sql, tier_threshold
+from engine.recipes.mixture import allocate, temperature_weights
+from engine.perturb.variants import (IMAGE_PERTURBATIONS, TEXT_PERTURBATIONS, misleading, replacement_image,
+                                     unrelated_facts, wrong_option)
 from engine.recipes.output import HF_IMAGE, MIXTURE_SCHEMA, TURN, MixtureWriter, publish
 from engine.recipes.recipe import Recipe, RecipeError
 from engine.store import Store, package_versions
@@ -200,6 +203,90 @@ def _caption_source(redundancy: dict | None) -> str:
     )
 
 
+def perturbation_sql(recipe: Recipe) -> str:
+    """SQL naming each row's perturbation (NULL for none): the rates of its task kind split [0, 1) into
+    intervals, and the salted hash of the row's id falls in at most one."""
+    perturb = recipe.data.get("perturb")
+    if not perturb:
+        return "NULL::VARCHAR"
+    kind = f"({perturb['task_kind']})" if perturb.get("task_kind") else "f.task_kind"
+    salt = perturb.get("salt", "perturb")
+    cases = []
+    for task_kind, names in (("image_heavy", TEXT_PERTURBATIONS), ("text_heavy", IMAGE_PERTURBATIONS)):
+        rates = perturb.get(task_kind) or {}
+        total, arms = 0.0, []
+        for name in names:
+            if rates.get(name):
+                total += rates[name]
+                arms.append(f"when {hash_u64_sql(f'{salt}:')}::HUGEINT < {tier_threshold(min(total, 1.0))}::HUGEINT then '{name}'")
+        if total > 1 + 1e-9:
+            raise recipe.error(("perturb", task_kind), f"rates add up to {total:g}; a row gets at most one perturbation, so they must add up to at most 1")
+        if arms:
+            cases.append(f"when {kind} = '{task_kind}' then (case {' '.join(arms)} end)")
+    return f"(case {' '.join(cases)} end)" if cases else "NULL::VARCHAR"
+
+
+class Perturber:
+    """Builds the perturbed variant rows of a mixture batch (see ``engine.perturb.variants``)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, dataset, perturb: dict):
+        self.facts, self.salt = perturb.get("facts", 3), perturb.get("salt", "perturb")
+        stats = con.execute(
+            """select subset, list(distinct label) filter (label is not null),
+                      list(distinct turns[1].assistant)[1:200]
+            from samples group by subset"""
+        ).fetchall()
+        self.labels = {subset: sorted(labels or []) for subset, labels, _ in stats}
+        self.answers = {subset: sorted(answers or []) for subset, _, answers in stats}
+        self.donors: list[tuple[str, bytes]] = []
+        if (perturb.get("text_heavy") or {}).get("irrelevant_image"):
+            picks = con.execute(
+                f"select pos from sample_positions order by {hash_u64_sql(self.salt + ':donor-pool:')} limit 64"
+            ).fetchall()
+            taken = dataset.take(sorted(p[0] for p in picks), columns=["subset", "images"]).to_pylist()
+            self.donors = [(row["subset"], row["images"][0]) for row in taken if row["images"]]
+
+    def variant(self, row: dict, kind: str) -> dict | None:
+        """The variant of one assembled mixture row, or None when the sample has nothing to perturb with."""
+        sample_id, turns = row["sample_id"], [dict(t) for t in row["texts"]]
+        images = [dict(i) for i in row["images"]]
+        if kind == "unrelated_facts":
+            turns[0]["user"] = unrelated_facts(turns[0]["user"], sample_id, self.facts, self.salt)
+        elif kind == "misleading":
+            wrong = wrong_option(turns[0]["user"], turns[0]["assistant"], row["label"], self.labels.get(row["subset"], []),
+                                 self.answers.get(row["subset"], []), sample_id, self.salt)
+            if wrong is None:
+                return None
+            turns[0]["user"] = misleading(turns[0]["user"], wrong, sample_id, salt=self.salt)
+        else:
+            if not images:
+                return None
+            replaced = [replacement_image(kind, image["bytes"], sample_id, self.donors, row["subset"], self.salt) for image in images]
+            if any(r is None for r in replaced):
+                return None
+            images = [{"bytes": data, "path": None} for data in replaced]
+        return {**row, "images": images, "texts": turns, "sample_id": f"{sample_id}#{kind}", "origin_id": sample_id,
+                "perturbation": kind}
+
+    def add_variants(self, base: pa.Table, kinds: pa.Array) -> pa.Table:
+        """``base`` with each perturbed row followed by its variant."""
+        wanted = [i for i, kind in enumerate(kinds.to_pylist()) if kind]
+        if not wanted:
+            return base
+        rows = base.take(wanted).to_pylist()
+        variants, after = [], []
+        for index, row, kind in zip(wanted, rows, (kinds[i].as_py() for i in wanted)):
+            variant = self.variant(row, kind)
+            if variant is not None:
+                variants.append(variant)
+                after.append(index)
+        if not variants:
+            return base
+        combined = pa.concat_tables([base, pa.Table.from_pylist(variants, schema=MIXTURE_SCHEMA)])
+        keys = np.concatenate([np.arange(len(base)) * 2, np.array(after) * 2 + 1])
+        return combined.take(pa.array(np.argsort(keys, kind="stable")))
+
+
 def _decide(con: duckdb.DuckDBPyConnection, recipe: Recipe, expected_rows: int) -> tuple[pa.Table, dict]:
     """Every selected row's storage position, provenance and caption suffix, in storage order, after the
     recipe's ``on_missing`` rule. Returns the table and the caption counts for the manifest."""
@@ -207,10 +294,12 @@ def _decide(con: duckdb.DuckDBPyConnection, recipe: Recipe, expected_rows: int) 
     joiner = _literal(" " + (redundancy["prefix"] if redundancy else ""))
     corrupted = recipe.data.get("answers", "original") == "corrupted"
     replacement = "case when coalesce(f.corrupted, false) then f.replaced end" if corrupted else "NULL::VARCHAR"
-    facts_join = "left join facts f using (sample_id)" if corrupted else ""
+    perturbation = perturbation_sql(recipe)
+    facts_join = "left join facts f using (sample_id)" if corrupted or recipe.data.get("perturb") else ""
     decisions = con.sql(
         f"""select p.pos, s.group_id, s.captioned,
-                   case when s.captioned then {joiner} || c.caption end as suffix, {replacement} as replacement
+                   case when s.captioned then {joiner} || c.caption end as suffix, {replacement} as replacement,
+                   {perturbation} as perturbation
         from selected s join sample_positions p using (sample_id)
         left join ({_caption_source(redundancy)}) c on s.captioned and c.sample_id = s.sample_id
         {facts_join}
@@ -283,6 +372,8 @@ def assemble(rows: pa.Table, decision: pa.Table) -> pa.Table:
         "texts": rewrite_first_turn(rows.column("turns").combine_chunks(), column("suffix"), column("replacement")),
         **{name: rows.column(name) for name in ("sample_id", "source", "subset", "category", "task_kind", "label")},
         "captioned": column("captioned"),
+        "origin_id": pa.nulls(len(rows), pa.string()),
+        "perturbation": pa.nulls(len(rows), pa.string()),
     }
     return pa.Table.from_pydict(columns, schema=MIXTURE_SCHEMA)
 
@@ -320,16 +411,26 @@ def _stream_selected(dataset, plan: pa.Table, progress: bool, dense_fraction: fl
     bar.close()
 
 
-def _write_mixture(dataset, decisions: pa.Table, tmp: Path, recipe: Recipe, fingerprint: str, progress: bool) -> dict[str, str]:
-    """Stream the selected rows from the store into the output formats; returns file hashes."""
+def _write_mixture(con, dataset, decisions: pa.Table, tmp: Path, recipe: Recipe, fingerprint: str,
+                   progress: bool) -> tuple[dict[str, str], dict[str, int]]:
+    """Stream the selected rows (and their perturbed variants) into the output formats; returns file
+    hashes and the variants written per perturbation."""
     output = recipe.output
-    writer = MixtureWriter(tmp, output["formats"], len(decisions), output["shard_rows"], fingerprint)
+    perturber = Perturber(con, dataset, recipe.data["perturb"]) if recipe.data.get("perturb") else None
+    planned = len(decisions) + (len(decisions) - decisions.column("perturbation").null_count)
+    writer = MixtureWriter(tmp, output["formats"], planned, output["shard_rows"], fingerprint)
+    written: dict[str, int] = {}
     try:
         for rows, decision in _stream_selected(dataset, decisions, progress):
-            writer.write(assemble(rows, decision))
+            table = assemble(rows, decision)
+            if perturber is not None:
+                table = perturber.add_variants(table, decision.column("perturbation").combine_chunks())
+                for kind in table.column("perturbation").drop_null().to_pylist():
+                    written[kind] = written.get(kind, 0) + 1
+            writer.write(table)
     finally:
         hashes = writer.close()
-    return hashes
+    return hashes, dict(sorted(written.items()))
 
 
 def build(store: Store, recipe: Recipe, progress: bool = True) -> BuildResult:
@@ -368,7 +469,7 @@ def build(store: Store, recipe: Recipe, progress: bool = True) -> BuildResult:
         budget = recipe.mixture.get("budget") or sum(recipe.mixture["category_budgets"].values())
         budget = sum(plan["quotas"].values()) if budget == "all" else budget
         fingerprint = hashlib.sha256(f"{recipe.sha256()}|{json.dumps(versions, sort_keys=True)}".encode()).hexdigest()[:16]
-        files = _write_mixture(dataset, decisions, tmp, recipe, fingerprint, progress)
+        files, variants = _write_mixture(con, dataset, decisions, tmp, recipe, fingerprint, progress)
         manifest = {
             "name": recipe.name,
             "engine_version": __version__,
@@ -385,6 +486,7 @@ def build(store: Store, recipe: Recipe, progress: bool = True) -> BuildResult:
                 "by_category": _sum_by(summary, 0),
                 "by_subset": _sum_by(summary, 1),
                 "captioned_by_category": _sum_by(summary, 0, value=3),
+                "variants": variants,
             },
             "files": files,
         }

@@ -1,14 +1,14 @@
-"""The rules of a mixture, as small pure functions: temperature weights, integer quotas, and the salted
-SHA-256 unit hash that selects rows and assigns redundancy tiers (Self-Captioning MI Tuning, App. C.2)."""
+"""The rules of a mixture, as small pure functions: temperature weights and integer quotas (Self-Captioning
+MI Tuning, App. C.2). The salted SHA-256 unit hash that selects rows and assigns tiers is in ``engine.hashing``."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Hashable, Mapping
-from fractions import Fraction
 
-TWO_64 = 2**64
+from engine.hashing import TWO_64, hash_u64, hash_u64_sql, in_tier, tier_threshold, unit_hash
+
+__all__ = ["TWO_64", "allocate", "hash_u64", "hash_u64_sql", "in_tier", "temperature_weights", "tier_threshold", "unit_hash"]
 
 
 def temperature_weights(counts: Mapping[Hashable, int], temperature: float) -> dict:
@@ -48,29 +48,3 @@ def allocate(budget: int, weights: Mapping[Hashable, float], capacity: Mapping[H
         for rank, key in enumerate(by_remainder):
             quotas[key] = floors[key] + (1 if rank < leftover else 0)
     return quotas
-
-
-def hash_u64(salt: str, sample_id: str) -> int:
-    """The top 64 bits of SHA-256(salt + id), as an integer."""
-    return int.from_bytes(hashlib.sha256((salt + sample_id).encode()).digest()[:8], "big")
-
-
-def unit_hash(salt: str, sample_id: str) -> float:
-    """u(id) in [0, 1): the top 64 bits of SHA-256(salt + id) over 2^64."""
-    return hash_u64(salt, sample_id) / TWO_64
-
-
-def in_tier(salt: str, sample_id: str, level: float) -> bool:
-    """Whether a sample is in redundancy tier ``level`` (u(id) < level, compared exactly)."""
-    return hash_u64(salt, sample_id) < tier_threshold(level)
-
-
-def hash_u64_sql(salt: str, column: str = "sample_id") -> str:
-    """DuckDB expression: the top 64 bits of SHA-256(salt + column) as UBIGINT (same bits as ``unit_hash``)."""
-    quoted = salt.replace("'", "''")
-    return f"('0x' || substr(sha256('{quoted}' || {column}), 1, 16))::UBIGINT"
-
-
-def tier_threshold(level: float) -> int:
-    """The integer t with ``u(id) < level`` exactly when ``top64 < t`` (no float rounding at the edge)."""
-    return math.ceil(Fraction(level) * TWO_64)

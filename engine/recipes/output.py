@@ -34,6 +34,8 @@ MIXTURE_COLUMNS = [
     ("task_kind", pa.string()),
     ("label", pa.string()),
     ("captioned", pa.bool_()),
+    ("origin_id", pa.string()),  # a perturbed variant: the sample it was made from
+    ("perturbation", pa.string()),  # a perturbed variant: which perturbation
 ]
 CHUNK_ROWS = 65536  # every write is this many rows (the last one fewer), so files never depend on input batching
 

@@ -1,0 +1,85 @@
+"""Perturbed variants of a sample (Diagnosing and Mitigating Modality Interference, §3-4; App. D):
+
+- image-heavy questions get misleading text: unrelated facts (``unrelated_facts``) or a misleading
+  description (``misleading``: "The picture seems to describe a {wrong option}. {facts about it}");
+- text-heavy questions get an irrelevant image: ``random_pixels``, ``black``, ``white`` canvases of the
+  original's size, or a real image from another subset (``irrelevant_image``).
+
+Every choice (facts, wrong option, donor image, noise) comes from salted SHA-256 of the sample id, so
+rebuilds are byte-identical.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from functools import cache
+
+import yaml
+from PIL import Image
+
+from engine.paths import RECIPES_DIR
+from engine.perturb.image import canvas
+from engine.hashing import hash_u64
+
+TEXT_PERTURBATIONS = ("unrelated_facts", "misleading")
+IMAGE_PERTURBATIONS = ("random_pixels", "black", "white", "irrelevant_image")
+_OPTION_LINE = re.compile(r"(?:^|\n|\s)\(?([A-H])[\.\):]\s*([^\n]+?)(?=\s+\(?[A-H][\.\):]\s|\n|$)")
+
+
+@cache
+def fact_pool() -> dict:
+    return yaml.safe_load((RECIPES_DIR / "facts.yaml").read_text())
+
+
+def _choose(options: list, salt: str, sample_id: str, k: int = 1) -> list:
+    """k distinct items of ``options``, ranked by salted hash (deterministic)."""
+    ranked = sorted(range(len(options)), key=lambda i: hash_u64(f"{salt}:{i}:", sample_id))
+    return [options[i] for i in ranked[:k]]
+
+
+def unrelated_facts(text: str, sample_id: str, facts: int = 3, salt: str = "perturb") -> str:
+    """Prepend ``facts`` sentences from the unrelated-fact pool."""
+    chosen = _choose(fact_pool()["unrelated"], f"{salt}:facts", sample_id, facts)
+    return " ".join(chosen) + " " + text
+
+
+def question_options(question: str) -> dict[str, str]:
+    """Letter -> option text of a multiple-choice question."""
+    return {letter: option.strip() for letter, option in _OPTION_LINE.findall(question)}
+
+
+def wrong_option(question: str, answer: str, label: str | None, labels: list[str], answers: list[str],
+                 sample_id: str, salt: str = "perturb") -> str | None:
+    """Another option of the sample: another offered choice, another label of its subset, or another
+    answer seen in its subset (in that order of preference)."""
+    options = question_options(question)
+    if answer.strip() in options and len(options) > 1:
+        candidates = [text for letter, text in sorted(options.items()) if letter != answer.strip()]
+    elif label is not None and len(labels) > 1:
+        candidates = sorted(set(labels) - {label})
+    else:
+        candidates = sorted(set(answers) - {answer})
+    return _choose(candidates, f"{salt}:wrong", sample_id)[0] if candidates else None
+
+
+def misleading(text: str, wrong: str, sample_id: str, facts: int = 1, salt: str = "perturb") -> str:
+    """"The picture seems to describe a {wrong}. {facts about it}" before the question."""
+    about = fact_pool()["about"].get(str(wrong).lower(), [])
+    lead = f"The picture seems to describe a {wrong}."
+    extra = _choose(about, f"{salt}:about", sample_id, facts) if about else []
+    return " ".join([lead, *extra, text])
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(data)).size
+
+
+def replacement_image(kind: str, original: bytes, sample_id: str, donors: list[tuple[str, bytes]], subset: str,
+                      salt: str = "perturb") -> bytes | None:
+    """The image a text-heavy variant shows instead of its own."""
+    if kind == "irrelevant_image":
+        others = [image for donor_subset, image in donors if donor_subset != subset]
+        return _choose(others, f"{salt}:donor", sample_id)[0] if others else None
+    width, height = image_size(original)
+    return canvas(kind, width, height, seed=hash_u64(f"{salt}:pixels:", sample_id))
