@@ -239,6 +239,45 @@ def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, quiet):
     click.echo(f"run {run_id}: {counts['corrupted']} of {counts['rows']} answers corrupted ({kinds})")
 
 
+@main.command(name="eval")
+@click.option("--model", default="HuggingFaceTB/SmolVLM-256M-Instruct", show_default=True, help=MODEL_HELP)
+@click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--where", default="split = 'test'", show_default=True, help="evaluation rows: SQL filter over facts")
+@click.option("--dataset", type=click.Path(exists=True), help="evaluate an HF dataset folder or Parquet files instead")
+@click.option("--limit", type=int)
+@click.option("--corruptions", default="gaussian_noise,shot_noise,impulse_noise,insert,delete,replace", show_default=True)
+@click.option("--severities", default="1,2,3,4,5", show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True)
+@click.option("--interference", default="UF,MD,RP,RI,FB,FW", show_default=True)
+@click.option("--interference-on", type=click.Choice(["task_kind", "all"]), default="task_kind", show_default=True,
+              help="apply text interventions to image-heavy and image interventions to text-heavy items, or to all")
+@click.option("--max-new-tokens", default=16, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--prompt-suffix", default="", help='appended to each question, e.g. "Answer with one word."')
+@click.option("--out", required=True, type=click.Path(), help="folder for predictions.parquet, report.txt/json and plots")
+@click.option("--quiet", is_flag=True)
+@click.pass_context
+def eval_command(ctx, model, backend, device, where, dataset, limit, corruptions, severities, seeds, interference,
+                 interference_on, max_new_tokens, batch_size, prompt_suffix, out, quiet):
+    """Evaluate a model on clean, corrupted and intervened inputs (accuracy, dP, causal effect, LI/VI)."""
+    from engine.evaluate import EvalConfig, evaluate, load_items
+
+    split = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
+    config = EvalConfig(corruptions=split(corruptions), severities=tuple(int(s) for s in split(severities)),
+                        seeds=tuple(int(s) for s in split(seeds)), interference=split(interference),
+                        interference_on=interference_on, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        prompt_suffix=prompt_suffix)
+    items = load_items(_store(ctx), where, dataset, limit)
+    if not items:
+        raise Fail(f"no evaluation rows: nothing matches {where!r}" if not dataset else f"{dataset} holds no rows")
+    from engine.evaluate.run import format_report
+
+    report = evaluate(_backend(model, backend, device), items, out, config, progress=not quiet)
+    click.echo(format_report(report).rstrip())
+    click.echo(f"predictions, report and plots in {out}")
+
+
 @main.command()
 @click.argument("recipe", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
