@@ -87,7 +87,6 @@ def run_pandas(store_path: str, out: str) -> dict:
 
     import datasets
     import lance
-    import pandas as pd
 
     from engine.recipes.build import plan_quotas
     from engine.recipes.output import mixture_features

@@ -3,6 +3,9 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -69,3 +72,24 @@ def tiny_vlm(tmp_path_factory) -> str:
     from engine.generate.tiny import build_tiny_smolvlm
 
     return str(build_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm")))
+
+
+def kill_after_commits(command: list[str], table_dir: Path, commits: int, timeout: float = 120) -> None:
+    """Start ``command``, SIGKILL it once ``table_dir`` (a Lance table) has ``commits`` versions, and check
+    that it really was killed mid-run."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    versions = table_dir / "_versions"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if versions.exists() and len(list(versions.iterdir())) >= commits:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def run_to_end(command: list[str]) -> None:
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,12 +1,7 @@
 """Model-driven columns: backends, captions, self-validation, corruption."""
 
 import math
-import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import REPO, cauldron_parquet, png, qa
+from conftest import REPO, cauldron_parquet, kill_after_commits, png, qa, run_to_end
 from engine.cli import main
 from engine.generate import (Request, caption, corrupt, load_backend, perplexity, precision_recall, validate,
                              validation_report)
@@ -143,20 +138,10 @@ def test_a_killed_caption_run_finishes_every_row_exactly_once(tmp_path, tiny_vlm
     ingest(Store(store_path), ParquetFolderSource(tmp_path / "src"), progress=False)
     command = [sys.executable, "-m", "engine.cli", "--store", str(store_path), "caption", "--model", tiny_vlm,
                "--batch-size", "2", "--commit-rows", "2", "--max-new-tokens", "4", "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    versions = store_path / "captions.lance" / "_versions"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if versions.exists() and len(list(versions.iterdir())) >= 3:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the caption run finished before it could be killed"
+    kill_after_commits(command, store_path / "captions.lance", commits=3)
     partial = Store(store_path).table("captions").count_rows()
     assert 0 < partial < 120
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_to_end(command)
     ids = Store(store_path).arrow("captions", ["sample_id"]).column("sample_id").to_pylist()
     assert len(ids) == 120 == len(set(ids))
 

@@ -1,18 +1,13 @@
 """Ingest: Cauldron-schema sources, image standardisation, rejects, resuming after a kill."""
 
 import io
-import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
 from PIL import Image
 
-from conftest import cauldron_parquet, png, qa
+from conftest import cauldron_parquet, kill_after_commits, png, qa, run_to_end
 from engine.images import fit_size, standardize
 from engine.ingest import ingest, resolve_source
 from engine.ingest.cauldron import ParquetFolderSource
@@ -117,20 +112,10 @@ def test_a_killed_ingest_resumes_without_duplicates(tmp_path):
     store_path = tmp_path / "store"
     command = [sys.executable, "-m", "engine.cli", "--store", str(store_path), "ingest", str(tmp_path / "src"),
                "--batch-rows", "8", "--quiet"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
-    versions = store_path / "samples.lance" / "_versions"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if versions.exists() and len(list(versions.iterdir())) >= 5:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the ingest finished before it could be killed"
+    kill_after_commits(command, store_path / "samples.lance", commits=5)
     partial = Store(store_path).table("samples").count_rows()
     assert 0 < partial < n
-    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    run_to_end(command)
     ids = Store(store_path).arrow("samples", ["sample_id"]).column("sample_id").to_pylist()
     assert len(ids) == n and len(set(ids)) == n
 

@@ -4,7 +4,6 @@ import io
 import math
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from click.testing import CliRunner

@@ -85,7 +85,8 @@ def test_shipped_recipes_validate():
 
     data_files = {"categories.yaml", "prompts.yaml", "facts.yaml"}
     names = sorted(p.name for p in RECIPES_DIR.glob("*.yaml") if p.name not in data_files)
-    assert {"cauldron_r0.yaml", "cauldron_r25.yaml", "cauldron_r50.yaml", "easy_vqa_mi_gate.yaml", "val_ppl_clean_25.yaml"} <= set(names)
+    assert {"cauldron_r0.yaml", "cauldron_r25.yaml", "cauldron_r50.yaml", "easy_vqa_mi_gate.yaml", "val_ppl_clean_25.yaml",
+            "cauldron_interference.yaml"} <= set(names)
     for name in names:
         load_recipe(RECIPES_DIR / name)
     r25, r50 = load_recipe(RECIPES_DIR / "cauldron_r25.yaml"), load_recipe(RECIPES_DIR / "cauldron_r50.yaml")
