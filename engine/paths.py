@@ -2,9 +2,16 @@
 
 from pathlib import Path
 
+import yaml
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS_DIR = REPO_ROOT / "schemas"
 RECIPES_DIR = REPO_ROOT / "recipes"
 
 if not (SCHEMAS_DIR / "store.yaml").exists():  # a wheel install would leave the data files behind
     raise ImportError(f"engine: {SCHEMAS_DIR} is missing; install the project with `pip install -e .` from its checkout")
+
+
+def load_yaml(path: Path):
+    """A data file of the project, parsed with libyaml's C loader when PyYAML has it (5-10x faster)."""
+    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))

@@ -22,9 +22,8 @@ os.environ.setdefault("LANCE_LOG", "error")  # lance logs a WARN on every table 
 import duckdb  # noqa: E402
 import lancedb  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import yaml  # noqa: E402
 
-from engine.paths import SCHEMAS_DIR  # noqa: E402
+from engine.paths import SCHEMAS_DIR, load_yaml  # noqa: E402
 
 DEFAULT_STORE = "data/store"
 
@@ -100,7 +99,7 @@ class TableSpec:
 @cache
 def table_specs() -> dict[str, TableSpec]:
     """All tables of the store, parsed once from ``schemas/store.yaml``."""
-    raw = yaml.safe_load((SCHEMAS_DIR / "store.yaml").read_text())
+    raw = load_yaml(SCHEMAS_DIR / "store.yaml")
     specs = {}
     for name, body in raw["tables"].items():
         fields = [pa.field(c["name"], parse_type(c["type"])) for c in body["columns"]]

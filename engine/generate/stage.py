@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from functools import cache
 
 import pyarrow as pa
-import yaml
 from tqdm.auto import tqdm
 
 from engine.generate.backends import Backend, PromptTooLong, Request, decode_images
-from engine.paths import RECIPES_DIR
+from engine.paths import RECIPES_DIR, load_yaml
 from engine.hashing import hash_u64_sql, tier_threshold
 from engine.store import Store, new_run_id
 
@@ -24,7 +23,7 @@ from engine.store import Store, new_run_id
 @cache
 def prompts() -> dict:
     """Prompt templates kept as data in ``recipes/prompts.yaml``."""
-    return yaml.safe_load((RECIPES_DIR / "prompts.yaml").read_text())
+    return load_yaml(RECIPES_DIR / "prompts.yaml")
 
 
 def selection_sql(where: str | None = None, gate: bool = False, tier: float | None = None,

@@ -15,10 +15,9 @@ import io
 import re
 from functools import cache
 
-import yaml
 from PIL import Image
 
-from engine.paths import RECIPES_DIR
+from engine.paths import RECIPES_DIR, load_yaml
 from engine.perturb.image import canvas
 from engine.hashing import hash_u64
 
@@ -29,7 +28,7 @@ _OPTION_LINE = re.compile(r"(?:^|\n|\s)\(?([A-H])[\.\):]\s*([^\n]+?)(?=\s+\(?[A-
 
 @cache
 def fact_pool() -> dict:
-    return yaml.safe_load((RECIPES_DIR / "facts.yaml").read_text())
+    return load_yaml(RECIPES_DIR / "facts.yaml")
 
 
 def _choose(options: list, salt: str, sample_id: str, k: int = 1) -> list:

@@ -127,7 +127,7 @@ def _select(con: duckdb.DuckDBPyConnection, recipe: Recipe) -> dict:
     tier_column = f", {hash_u64_sql(redundancy['salt'])} as tier_key" if tier_mode else ""
     con.execute(
         f"""create temp table candidates as
-        select sample_id, source, subset, category, {hash_u64_sql(f"select:{recipe.seed}:")} as sel_key{tier_column}
+        select sample_id, source, subset, category{tier_column}
         from facts where {source_filter(recipe)} and {where}"""
     )
     uncategorised = con.execute("select count(*) from candidates where category is null").fetchall()[0][0]
@@ -144,9 +144,10 @@ def _select(con: duckdb.DuckDBPyConnection, recipe: Recipe) -> dict:
         [(*key, q, available[key], i) for i, (key, q) in enumerate(sorted(quotas.items()))],
     )
     captioned = f"c.tier_key < {tier_threshold(redundancy['level'])}::HUGEINT" if tier_mode else "false"
-    columns = f"c.sample_id, q.group_id, c.sel_key, {captioned} as captioned"
-    # a subset taken whole needs no ranking; only partly taken ones are ranked by the salted hash
-    partial = "from candidates c join quotas q using (category, source, subset) where q.quota > 0 and q.quota < q.available"
+    columns = f"c.sample_id, q.group_id, {captioned} as captioned"
+    # a subset taken whole needs no ranking; only partly taken ones are ranked by the salted selection hash
+    partial = f"""from (select *, {hash_u64_sql(f"select:{recipe.seed}:")} as sel_key from candidates) c
+        join quotas q using (category, source, subset) where q.quota > 0 and q.quota < q.available"""
     # ordering by the 64-bit key alone is 2.5x faster than (key, id); the id only matters on a tie
     tied = con.execute(f"select count(distinct c.sel_key) < count(*) {partial}").fetchall()[0][0]
     order = "c.sel_key, c.sample_id" if tied else "c.sel_key"
@@ -185,8 +186,8 @@ def _mi_gate(con: duckdb.DuckDBPyConnection, redundancy: dict) -> dict:
     k = min(int(redundancy["tau"] * basis), n_valid)
     con.execute(
         f"""create or replace temp table selected as
-        select sample_id, group_id, sel_key, coalesce(valid and rank_u_v <= {k}, false) as captioned
-        from (select *, row_number() over (partition by valid order by u_v desc, sel_key, sample_id) as rank_u_v from gated)"""
+        select sample_id, group_id, coalesce(valid and rank_u_v <= {k}, false) as captioned
+        from (select *, row_number() over (partition by valid order by u_v desc, sample_id) as rank_u_v from gated)"""
     )
     return {"rows": total, "scored": n_scored, "valid": n_valid, "k": k}
 
