@@ -192,16 +192,21 @@ def embed(store: Store, model: str, modality: str, where: str | None = None, bat
     quoted = name.replace("'", "''")
     done = store.ids("embeddings", f"model = '{quoted}' AND modality = '{modality}'")
     con, versions = store.connect()
-    column = "images[1]" if modality == "image" else "turns[1].user"
-    ids = con.sql(f"select sample_id, {column} as item from facts where {where or 'true'} order by sample_id").to_arrow_table()
+    dataset = store.positioned(con, versions.get("samples"))
+    ids = con.sql(
+        f"select f.sample_id, p.pos from facts f join sample_positions p using (sample_id) where {where or 'true'} order by f.sample_id"
+    ).to_arrow_table()
     keep = pa.array([sid not in done for sid in ids.column("sample_id").to_pylist()])
     todo = ids.filter(keep)
     written = 0
     bar = tqdm(total=len(todo), desc=f"embed {modality} ({name})", unit="row", disable=not progress)
     cache = EmbeddingCache(encoder, modality)
+    column = "images" if modality == "image" else "turns"
     for start in range(0, len(todo), batch_size):
-        chunk = todo.slice(start, batch_size)
-        vectors = cache.encode(chunk.column("item").to_pylist())
+        chunk = todo.slice(start, batch_size)  # read this batch's images / texts only: bounded memory
+        values = dataset.take(chunk.column("pos").to_numpy(), columns=[column]).column(column).to_pylist()
+        items = [v[0] if modality == "image" else v[0]["user"] for v in values]
+        vectors = cache.encode(items)
         store.append("embeddings", pa.table({
             "sample_id": chunk.column("sample_id"),
             "model": pa.array([name] * len(chunk)),

@@ -198,6 +198,17 @@ class Store:
             raise KeyError(f"the store {self.root} has no table {name!r} yet")
         return lance.dataset(str(self.root / f"{name}.lance"), version=version)
 
+    def positioned(self, con: duckdb.DuckDBPyConnection, version: int | None = None):
+        """Register ``sample_positions(sample_id, pos)``: each sample's row position in ``samples`` at a
+        version, so later reads can fetch heavy columns (images) batch by batch with ``Dataset.take``.
+        Returns the dataset at that version."""
+        import numpy as np
+
+        dataset = self.dataset("samples", version)
+        ids = dataset.to_table(columns=["sample_id"], scan_in_order=True)
+        con.register("sample_positions", ids.append_column("pos", pa.array(np.arange(len(ids), dtype=np.int64))))
+        return dataset
+
     def compact(self, name: str) -> None:
         """Merge the small fragments many batch commits leave behind (a new version, same rows)."""
         table = self.table(name)

@@ -37,18 +37,37 @@ def selection_sql(where: str | None = None, gate: bool = False, tier: float | No
     return " and ".join(parts)
 
 
-def select_rows(store: Store, condition: str, done: set[str], limit: int | None = None, corrupted: bool = False) -> pa.Table:
-    """sample_id, subset, label, first-turn question and answer, and images of the chosen rows not yet done.
+@dataclass
+class Selection:
+    """The rows a stage works on (no images: those are read batch by batch, in bounded memory)."""
+
+    rows: pa.Table  # sample_id, pos, subset, label, question, answer
+    dataset: object  # the samples dataset the positions refer to
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batches(self, size: int):
+        """Rows with their ``images``, ``size`` at a time."""
+        for start in range(0, len(self.rows), size):
+            chunk = self.rows.slice(start, size)
+            images = self.dataset.take(chunk.column("pos").to_numpy(), columns=["images"]).column("images")
+            yield chunk.append_column("images", images).to_pylist()
+
+
+def select_rows(store: Store, condition: str, done: set[str], limit: int | None = None, corrupted: bool = False) -> Selection:
+    """The chosen rows not yet done: id, storage position, subset, label, first-turn question and answer.
     With ``corrupted``, a row flagged by the newest corruption run carries its replaced answer."""
-    con, _ = store.connect()
+    con, versions = store.connect()
+    dataset = store.positioned(con, versions.get("samples"))
     answer = "case when coalesce(corrupted, false) then replaced else turns[1].assistant end" if corrupted else "turns[1].assistant"
     table = con.sql(
-        f"""select sample_id, subset, label, turns[1].user as question, {answer} as answer, images
-        from facts where {condition} order by sample_id"""
+        f"""select f.sample_id, p.pos, f.subset, f.label, f.turns[1].user as question, {answer} as answer
+        from facts f join sample_positions p using (sample_id) where {condition} order by f.sample_id"""
     ).to_arrow_table()
     keep = pa.array([sid not in done for sid in table.column("sample_id").to_pylist()])
     table = table.filter(keep)
-    return table.slice(0, limit) if limit is not None else table
+    return Selection(table.slice(0, limit) if limit is not None else table, dataset)
 
 
 @dataclass
@@ -70,7 +89,7 @@ class StageReport:
         return 1 - self.model_seconds / self.seconds if self.seconds else 0.0
 
 
-def run_stage(store: Store, backend: Backend, stage: str, table: str, rows: pa.Table,
+def run_stage(store: Store, backend: Backend, stage: str, table: str, rows: Selection,
               build_request: Callable[[dict, list], Request], process: Callable[[list[dict], list[Request]], list[dict]],
               batch_size: int, config: dict, progress: bool = True, commit_rows: int = 64) -> StageReport:
     """Run ``process`` over ``rows`` in batches of ``batch_size``, committing to ``table`` whenever
@@ -93,8 +112,7 @@ def run_stage(store: Store, backend: Backend, stage: str, table: str, rows: pa.T
         pending.clear()
         rejects.clear()
 
-    for start in range(0, len(rows), batch_size):
-        batch = rows.slice(start, batch_size).to_pylist()
+    for batch in rows.batches(batch_size):
         good, requests = [], []
 
         def reject(row: dict, reason: str) -> None:

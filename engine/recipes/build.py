@@ -447,9 +447,7 @@ def build(store: Store, recipe: Recipe, progress: bool = True) -> BuildResult:
     con, versions = _connect(store, recipe)
     if "samples" not in versions:
         raise BuildError(f"the store {store.root} has no samples; run `engine ingest` first")
-    dataset = store.dataset("samples", versions["samples"])
-    ids = dataset.to_table(columns=["sample_id"], scan_in_order=True)
-    con.register("sample_positions", ids.append_column("pos", pa.array(np.arange(len(ids), dtype=np.int64))))
+    dataset = store.positioned(con, versions["samples"])
     final = Path(recipe.output["path"])
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
