@@ -1,8 +1,9 @@
 """``engine build``: compile a recipe to DuckDB SQL over the store and publish the mixture atomically.
 
 The decision runs on ids and hashes only (candidates -> per-subset quotas -> salted-hash selection ->
-redundancy tier or MI gate -> caption join); images are read once, streamed from the store into the
-output shards. Same recipe + same store versions => byte-identical files and manifest.
+redundancy tier or MI gate -> caption join -> perturbations); images are read once, streamed from the
+store in storage order into the output shards. Same recipe + same store versions => byte-identical files
+and manifest.
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ def plan_quotas(counts: list[tuple[str, str, str, int]], mixture: dict) -> tuple
 
 
 def _select(con: duckdb.DuckDBPyConnection, recipe: Recipe) -> dict:
-    """Create temp table ``selected(sample_id, category, source, subset, sel_key, captioned)``."""
+    """Create temp table ``selected(sample_id, group_id, captioned)``: the rows that fill each subset's
+    quota (whole subsets as they are, partly taken ones by the smallest salted selection hash) and whether
+    their redundancy tier (or the MI gate) captions them. Returns the plan for the manifest."""
     where = f"({recipe.where})" if recipe.where else "true"
     redundancy = recipe.redundancy
     tier_mode = redundancy is not None and redundancy["mode"] == "tier"
