@@ -123,8 +123,8 @@ def test_caption_selection_by_tier_where_gate_and_limit(small_store, backend):
     got = {c["sample_id"] for c in small_store.arrow("captions").to_pylist()}
     expected = {f"cauldron:vqav2:train:{i}" for i in range(12) if in_tier("redundancy-tier", f"cauldron:vqav2:train:{i}", 0.5)}
     assert got == expected
-    small_store.append("gate", [{"sample_id": "cauldron:vqav2:train:3", "run_id": "gate-1", "selected": True},
-                                {"sample_id": "cauldron:vqav2:train:4", "run_id": "gate-1", "selected": False}])
+    small_store.append("gate", [{"sample_id": "cauldron:vqav2:train:3", "run_id": "gate-1", "gate_selected": True},
+                                {"sample_id": "cauldron:vqav2:train:4", "run_id": "gate-1", "gate_selected": False}])
     report = caption(small_store, backend, gate=True, max_new_tokens=3, progress=False)
     assert report.written == (0 if "cauldron:vqav2:train:3" in expected else 1)
     assert caption(small_store, backend, where="sample_id < 'cauldron:vqav2:train:2'", limit=1, max_new_tokens=3,

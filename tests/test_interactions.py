@@ -231,10 +231,12 @@ def test_gate_selects_top_u_v_and_never_synergy(tmp_path):
     run_id, k = gate(store, tau=0.25)  # N = 8: k = min(2, |S_valid| = 4) = 2
     assert k == 2
     rows = {r["sample_id"]: r for r in store.arrow("gate").to_pylist()}
-    assert [s for s, r in sorted(rows.items()) if r["selected"]] == ["x:0", "x:1"]
-    assert [s for s, r in sorted(rows.items()) if r["valid"]] == ["x:0", "x:1", "x:2", "x:7"]
-    assert rows["x:3"]["rank"] is None and not rows["x:3"]["selected"]  # synergy-dominant, largest u_v
-    assert rows["x:2"]["rank"] == 3 and rows["x:0"]["interactions_run"] == "score-1"
+    assert [s for s, r in sorted(rows.items()) if r["gate_selected"]] == ["x:0", "x:1"]
+    assert [s for s, r in sorted(rows.items()) if r["gate_valid"]] == ["x:0", "x:1", "x:2", "x:7"]
+    assert rows["x:3"]["gate_rank"] is None and not rows["x:3"]["gate_selected"]  # synergy-dominant, largest u_v
+    assert rows["x:2"]["gate_rank"] == 3 and rows["x:0"]["gate_interactions_run"] == "score-1"
+    con, _ = store.connect()  # the newest gate run is a fact recipes can filter on
+    assert con.execute("select sample_id from facts where gate_selected order by 1").fetchall() == [("x:0",), ("x:1",)]
     _, k_all = gate(store, tau=1.0)
     assert k_all == 4  # capped at |S_valid|
     _, k_valid = gate(store, tau=0.5, basis="valid")
@@ -262,5 +264,5 @@ def test_cli_embed_score_gate(tmp_path):
     assert "450 samples scored" in scored.output and "test" in scored.output
     gated = runner.invoke(main, ["--store", str(store), "gate", "--tau", "0.1"])
     assert gated.exit_code == 0 and "samples selected for captioning" in gated.output
-    query = runner.invoke(main, ["--store", str(store), "query", "select count(*) as n from gate where selected", "--format", "csv"])
+    query = runner.invoke(main, ["--store", str(store), "query", "select count(*) as n from gate where gate_selected", "--format", "csv"])
     assert int(query.output.splitlines()[1]) <= 45

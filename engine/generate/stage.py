@@ -31,7 +31,7 @@ def selection_sql(where: str | None = None, gate: bool = False, tier: float | No
     """SQL condition over ``facts`` for the rows a stage works on."""
     parts = [f"({where})" if where else "true"]
     if gate:
-        parts.append("sample_id in (select sample_id from gate where selected and run_id = (select max(run_id) from gate))")
+        parts.append("coalesce(gate_selected, false)")  # the newest gate run (joined into facts)
     if tier is not None:
         parts.append(f"{hash_u64_sql(tier_salt)}::HUGEINT < {tier_threshold(tier)}::HUGEINT")
     return " and ".join(parts)

@@ -88,9 +88,9 @@ def gate(store: Store, tau: float, basis: str = "dataset", where: str | None = N
     rank = {r[0]: i + 1 for i, r in enumerate(ranked)}
     run_id, started = new_run_id("gate"), dt.datetime.now(dt.timezone.utc)
     store.append("gate", pa.table({
-        "sample_id": [r[0] for r in rows], "run_id": [run_id] * len(rows), "interactions_run": [r[3] for r in rows],
-        "valid": [r[2] for r in rows], "rank": pa.array([rank.get(r[0]) for r in rows], pa.int64()),
-        "selected": [rank.get(r[0], k + 1) <= k for r in rows],
+        "sample_id": [r[0] for r in rows], "run_id": [run_id] * len(rows), "gate_interactions_run": [r[3] for r in rows],
+        "gate_valid": [r[2] for r in rows], "gate_rank": pa.array([rank.get(r[0]) for r in rows], pa.int64()),
+        "gate_selected": [rank.get(r[0], k + 1) <= k for r in rows],
     }))
     store.record_run(run_id, "gate", {"tau": tau, "basis": basis, "where": where, "interactions_run": interactions_run,
                                       "scored": len(rows), "valid": len(valid), "k": k}, started, len(rows))
