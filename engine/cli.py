@@ -314,7 +314,7 @@ def build(ctx, recipe, overrides, quiet):
 @click.pass_context
 def query(ctx, sql, fmt, output, max_rows):
     """Run read-only SQL over the store: every table is a view, and `facts` joins samples with the
-    newest interactions, validation and corruption rows."""
+    newest interactions, validation, corruption and gate rows."""
     from engine.query import QueryError, run_query, write_result
 
     try:
