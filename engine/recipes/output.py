@@ -87,11 +87,19 @@ class _ShardedWriter:
 
     def __init__(self, folder: Path, names: list[str], open_writer, shard_rows: int):
         self.folder, self.names, self.open_writer, self.shard_rows = folder, names, open_writer, shard_rows
-        self.shard, self.in_shard, self.file, self.writer = 0, 0, None, None
+        self.shard, self.in_shard, self.file, self.writer, self.buffered = 0, 0, None, None, None
         self.hashes: dict[str, str] = {}
+
+    def _open(self) -> None:
+        self.file = _HashingFile(self.folder / self.names[self.shard])
+        # Arrow writes many small buffers; gathering them in 8 MB chunks keeps the Python-level hashing
+        # file (and the GIL it needs) out of the hot path
+        self.buffered = pa.BufferedOutputStream(pa.PythonFile(self.file, mode="w"), buffer_size=8 << 20)
+        self.writer = self.open_writer(self.buffered)
 
     def _close_shard(self) -> None:
         self.writer.close()
+        self.buffered.close()  # flushes the last chunk into the hashing file
         self.file.close()
         self.hashes[self.names[self.shard]] = self.file.digest.hexdigest()
         self.file, self.writer = None, None
@@ -101,8 +109,7 @@ class _ShardedWriter:
         offset = 0
         while offset < len(table):
             if self.writer is None:
-                self.file = _HashingFile(self.folder / self.names[self.shard])
-                self.writer = self.open_writer(self.file)
+                self._open()
             piece = table.slice(offset, self.shard_rows - self.in_shard)
             self.writer.write_table(piece)
             offset += len(piece)
@@ -114,8 +121,7 @@ class _ShardedWriter:
         if self.writer is not None:
             self._close_shard()
         while self.shard < len(self.names):  # an empty output still gets its (empty) shard
-            self.file = _HashingFile(self.folder / self.names[self.shard])
-            self.writer = self.open_writer(self.file)
+            self._open()
             self._close_shard()
         return self.hashes
 
