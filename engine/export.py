@@ -12,6 +12,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.sql import sql_literal
 from engine.recipes.output import MIXTURE_SCHEMA, MixtureWriter, mixture_features, publish
 
 FORMATS = ("hf", "parquet", "messages")
@@ -79,7 +80,7 @@ def export(mixture: str | Path, out: str | Path, format: str = "hf", push: str |
             for path in files:
                 shutil.copyfile(path, tmp / path.name)
         else:
-            listing = "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in files) + "]"
+            listing = "[" + ", ".join(sql_literal(str(p)) for p in files) + "]"
             total = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
             if format == "messages":
                 sql, schema, features = MESSAGES_SQL.format(files=listing), MESSAGES_SCHEMA, messages_features()

@@ -8,6 +8,8 @@ import hashlib
 import math
 from fractions import Fraction
 
+from engine.sql import sql_literal
+
 TWO_64 = 2**64
 
 
@@ -28,8 +30,7 @@ def in_tier(salt: str, sample_id: str, level: float) -> bool:
 
 def hash_u64_sql(salt: str, column: str = "sample_id") -> str:
     """DuckDB expression: the top 64 bits of SHA-256(salt + column) as UBIGINT (same bits as ``unit_hash``)."""
-    quoted = salt.replace("'", "''")
-    return f"('0x' || substr(sha256('{quoted}' || {column}), 1, 16))::UBIGINT"
+    return f"('0x' || substr(sha256({sql_literal(salt)} || {column}), 1, 16))::UBIGINT"
 
 
 def tier_threshold(level: float) -> int:

@@ -24,6 +24,7 @@ import lancedb  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from engine.paths import SCHEMAS_DIR, load_yaml  # noqa: E402
+from engine.sql import sql_literal  # noqa: E402
 
 DEFAULT_STORE = "data/store"
 
@@ -278,14 +279,6 @@ class Store:
         return con, versions
 
 
-def _sql_literal(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return "'" + str(value).replace("'", "''") + "'"
-
-
 def facts_view_sql(pins: dict[str, dict]) -> str:
     """SQL creating ``facts``: samples left-joined with one row per sample of each ``join: latest`` table."""
     specs = table_specs()
@@ -301,7 +294,7 @@ def facts_view_sql(pins: dict[str, dict]) -> str:
         for column in pin:
             if column not in spec.schema.names:
                 raise KeyError(f"facts.{name}: no column {column!r} in {name}; columns: {spec.schema.names}")
-        where = " and ".join(f"{c} = {_sql_literal(v)}" for c, v in pin.items()) or "true"
+        where = " and ".join(f"{c} = {sql_literal(v)}" for c, v in pin.items()) or "true"
         columns = ", ".join(spec.fact_columns)
         joins.append(
             f"left join (select sample_id, {columns} from {name} where {where} "

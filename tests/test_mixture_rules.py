@@ -8,16 +8,8 @@ import duckdb
 import pytest
 
 from engine.recipes.build import plan_quotas
-from engine.recipes.mixture import (
-    TWO_64,
-    allocate,
-    hash_u64,
-    hash_u64_sql,
-    in_tier,
-    temperature_weights,
-    tier_threshold,
-    unit_hash,
-)
+from engine.hashing import TWO_64, hash_u64, hash_u64_sql, in_tier, tier_threshold, unit_hash
+from engine.recipes.mixture import allocate, temperature_weights
 
 
 def test_temperature_weights_are_counts_to_the_power_tau():

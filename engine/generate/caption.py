@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from engine.generate.backends import Backend, Request
 from engine.generate.stage import StageReport, prompts, run_stage, select_rows, selection_sql
+from engine.sql import sql_literal
 from engine.store import Store
 
 
@@ -18,8 +19,7 @@ def caption(store: Store, backend: Backend, where: str | None = None, gate: bool
             min_new_tokens: int = 0, commit_rows: int = 64) -> StageReport:
     """Caption the chosen rows that have no caption yet from this captioner and prompt set."""
     prompt_id = prompts()["caption"]["id"]
-    quoted = backend.name.replace("'", "''")
-    done = store.ids("captions", f"captioner = '{quoted}' AND prompt_id = '{prompt_id}'")
+    done = store.ids("captions", f"captioner = {sql_literal(backend.name)} AND prompt_id = {sql_literal(prompt_id)}")
     rows = select_rows(store, selection_sql(where, gate, tier), done, limit)
 
     def process(batch: list[dict], requests: list[Request]) -> list[dict]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from engine.generate.backends import Backend, PromptTooLong, Request, perplexity
 from engine.generate.stage import StageReport, prompts, run_stage, select_rows, selection_sql
+from engine.sql import sql_literal
 from engine.store import Store
 
 
@@ -20,8 +21,7 @@ def validate(store: Store, backend: Backend, where: str | None = None, limit: in
     rows flagged by the newest corruption run are scored with their corrupted answer (the split as an
     experiment's model sees it)."""
     template = prompts()["validation"]
-    quoted = backend.name.replace("'", "''")
-    done = store.ids("validation", f"model = '{quoted}'")
+    done = store.ids("validation", f"model = {sql_literal(backend.name)}")
     rows = select_rows(store, selection_sql(where), done, limit, corrupted)
 
     def process(batch: list[dict], requests: list[Request]) -> list[dict]:
@@ -66,10 +66,9 @@ def validation_report(store: Store, model: str, plot_path: str | None = None, co
     """Table (and optional PNG plot) of precision/recall for PPL and Val_PPL on the rows that have both a
     validation score from ``model`` and a corruption flag."""
     con, _ = store.connect({"corruption": {"run_id": corruption_run}} if corruption_run else None)
-    quoted = model.replace("'", "''")
     rows = con.execute(
         f"""select v.ppl, v.val_ppl, coalesce(f.corrupted, false) from validation v join facts f using (sample_id)
-        where v.model = '{quoted}' and f.corrupted is not null"""
+        where v.model = {sql_literal(model)} and f.corrupted is not null"""
     ).fetchall()
     if not rows:
         raise LookupError(f"no rows with both a validation score from {model!r} and a corruption flag; run `engine corrupt` and `engine validate`")

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from engine.categories import subset_mapping
 from engine.images import ImageError, standardize
+from engine.sql import sql_literal
 from engine.store import Store, new_run_id
 
 
@@ -128,8 +129,8 @@ def ingest(
     """
     report = IngestReport(run_id=new_run_id("ingest"))
     started = dt.datetime.now(dt.timezone.utc)
-    quoted = source.name.replace("'", "''")
-    done = store.ids("samples", f"source = '{quoted}'") | store.ids("rejects", f"source = '{quoted}' AND stage = 'ingest'")
+    source_is = f"source = {sql_literal(source.name)}"
+    done = store.ids("samples", source_is) | store.ids("rejects", f"{source_is} AND stage = 'ingest'")
     mapping = subset_mapping()
     samples: list[dict] = []
     rejects: list[dict] = []

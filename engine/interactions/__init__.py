@@ -13,6 +13,7 @@ from engine.embed import load_vectors
 from engine.interactions.estimator import LSMIConfig, LSMIResult, estimate
 from engine.interactions.pid import decompose, exact_pid
 from engine.hashing import hash_u64
+from engine.sql import sql_literal
 from engine.store import Store, new_run_id
 
 __all__ = ["LSMIConfig", "LSMIResult", "assign_folds", "decompose", "estimate", "exact_pid", "gate", "score"]
@@ -73,7 +74,7 @@ def gate(store: Store, tau: float, basis: str = "dataset", where: str | None = N
     if not 0 <= tau <= 1:
         raise ValueError(f"tau must be in [0, 1], got {tau}")
     con, _ = store.connect()
-    pin = f"where run_id = '{interactions_run.replace(chr(39), chr(39) * 2)}'" if interactions_run else ""
+    pin = f"where run_id = {sql_literal(interactions_run)}" if interactions_run else ""
     rows = con.execute(
         f"""with latest as (select * from interactions {pin}
                             qualify row_number() over (partition by sample_id order by run_id desc) = 1)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from engine import __version__
 from engine.categories import categories
 from engine.hashing import hash_u64_sql, tier_threshold
+from engine.sql import sql_list, sql_literal
 from engine.recipes.mixture import allocate, temperature_weights
 from engine.perturb.variants import (IMAGE_PERTURBATIONS, TEXT_PERTURBATIONS, misleading, replacement_image,
                                      unrelated_facts, wrong_option)
@@ -46,14 +47,6 @@ class BuildResult:
     manifest_sha256: str
 
 
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _in_list(values: list[str]) -> str:
-    return "(" + ", ".join(_literal(v) for v in values) + ")"
-
-
 def source_filter(recipe: Recipe) -> str:
     """SQL for the recipe's ``sources`` key (true when absent)."""
     sources = recipe.data.get("sources")
@@ -61,14 +54,14 @@ def source_filter(recipe: Recipe) -> str:
         return "true"
     clauses = []
     for name, spec in sources.items():
-        parts = [f"source = {_literal(name)}"]
+        parts = [f"source = {sql_literal(name)}"]
         spec = spec or {}
         if spec.get("subsets", "all") != "all":
-            parts.append(f"subset in {_in_list(spec['subsets'])}")
+            parts.append(f"subset in {sql_list(spec['subsets'])}")
         if spec.get("exclude"):
-            parts.append(f"subset not in {_in_list(spec['exclude'])}")
+            parts.append(f"subset not in {sql_list(spec['exclude'])}")
         if spec.get("splits"):
-            parts.append(f"split in {_in_list(spec['splits'])}")
+            parts.append(f"split in {sql_list(spec['splits'])}")
         clauses.append("(" + " and ".join(parts) + ")")
     return "(" + " or ".join(clauses) + ")"
 
@@ -200,9 +193,9 @@ def _caption_source(redundancy: dict | None) -> str:
     with two matching captions (two templates, no ``prompt_id``) makes the build fail in ``_decide``."""
     if redundancy is None:
         return "select NULL::VARCHAR as sample_id, NULL::VARCHAR as caption where false"
-    prompt = f" and prompt_id = {_literal(redundancy['prompt_id'])}" if redundancy.get("prompt_id") else ""
+    prompt = f" and prompt_id = {sql_literal(redundancy['prompt_id'])}" if redundancy.get("prompt_id") else ""
     return (
-        f"select sample_id, caption from captions where captioner = {_literal(redundancy['captioner'])}"
+        f"select sample_id, caption from captions where captioner = {sql_literal(redundancy['captioner'])}"
         f"{prompt} and caption is not null"
     )
 
@@ -295,7 +288,7 @@ def _decide(con: duckdb.DuckDBPyConnection, recipe: Recipe, expected_rows: int) 
     """Every selected row's storage position, provenance and caption suffix, in storage order, after the
     recipe's ``on_missing`` rule. Returns the table and the caption counts for the manifest."""
     redundancy = recipe.redundancy
-    joiner = _literal(" " + (redundancy["prefix"] if redundancy else ""))
+    joiner = sql_literal(" " + (redundancy["prefix"] if redundancy else ""))
     corrupted = recipe.data.get("answers", "original") == "corrupted"
     replacement = "case when coalesce(f.corrupted, false) then f.replaced end" if corrupted else "NULL::VARCHAR"
     perturbation = perturbation_sql(recipe)

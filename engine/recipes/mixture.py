@@ -6,10 +6,6 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping
 
-from engine.hashing import TWO_64, hash_u64, hash_u64_sql, in_tier, tier_threshold, unit_hash
-
-__all__ = ["TWO_64", "allocate", "hash_u64", "hash_u64_sql", "in_tier", "temperature_weights", "tier_threshold", "unit_hash"]
-
 
 def temperature_weights(counts: Mapping[Hashable, int], temperature: float) -> dict:
     """W_i = N_i^tau: tau = 1 keeps proportions, tau = 0 gives every subset the same weight."""
