@@ -14,6 +14,7 @@ from engine.cli import main
 from engine.generate import (Request, caption, corrupt, load_backend, perplexity, precision_recall, validate,
                              validation_report)
 from engine.generate.corrupt import offered_letters
+from engine.generate.tiny import build_tiny_smolvlm
 from engine.ingest import ingest
 from engine.ingest.cauldron import ParquetFolderSource
 from engine.recipes import build, load_recipe
@@ -71,11 +72,16 @@ def test_missing_model_fails_at_start_with_one_line(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the vLLM backend needs a CUDA GPU")
-def test_vllm_backend_matches_transformers(tiny_vlm):
-    vllm_backend = load_backend(tiny_vlm, "vllm")
-    transformers_backend = load_backend(tiny_vlm)
-    requests = [Request([image()], "Describe this image.")]
-    assert vllm_backend.generate(requests, 8)[0].text == transformers_backend.generate(requests, 8)[0].text
+def test_vllm_backend_matches_transformers(tmp_path):
+    pytest.importorskip("vllm", reason="pip install -e '.[vllm]'")
+    model = str(build_tiny_smolvlm(tmp_path / "tiny-h64", size="tiny-h64"))
+    vllm_backend = load_backend(model, "vllm")
+    transformers_backend = load_backend(model, device="cuda")
+    requests = [Request([image()], "Describe this image."), Request([image()], "What color is the shape?")]
+    assert [g.text for g in vllm_backend.generate(requests, 8)] == [g.text for g in transformers_backend.generate(requests, 8)]
+    targets = ["No", "red circle"]
+    for ours, theirs in zip(vllm_backend.score(requests, targets), transformers_backend.score(requests, targets)):
+        assert ours == pytest.approx(theirs, abs=1e-2)
 
 
 def test_vllm_backend_refuses_without_cuda(tiny_vlm):
@@ -113,6 +119,23 @@ def test_caption_writes_each_row_once_and_rejects_what_it_cannot_use(small_store
     assert {c["prompt_id"] for c in captions} == {"caption-v1"} and all(c["tokens"] <= 5 for c in captions)
     again = caption(small_store, backend, max_new_tokens=5, progress=False)
     assert again.written == 0  # done rows are skipped (the rejected ones are tried again, and rejected again)
+
+
+def test_a_failed_commit_stops_the_run_and_keeps_the_earlier_commits(small_store, backend, monkeypatch):
+    """Results are written on a background thread; an error there must stop the run, not vanish."""
+    append, calls = small_store.append, []
+
+    def failing_append(table, rows):
+        if table == "captions":
+            calls.append(len(rows))
+            if len(calls) == 2:
+                raise OSError("disk full")
+        return append(table, rows)
+
+    monkeypatch.setattr(small_store, "append", failing_append)
+    with pytest.raises(OSError, match="disk full"):
+        caption(small_store, backend, max_new_tokens=3, batch_size=2, commit_rows=4, progress=False)
+    assert calls[:2] == [4, 4] and small_store.arrow("captions").num_rows == 4
 
 
 def test_caption_selection_by_tier_where_gate_and_limit(small_store, backend):

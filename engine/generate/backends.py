@@ -6,8 +6,9 @@ of a given continuation, for PPL and Val_PPL).
 - ``VLLMBackend``: the same calls through ``vllm.LLM`` with multimodal prompts (GPU only;
   ``pip install engine[vllm]``).
 
-Both count the seconds spent inside the model (``model_seconds``) so stages can report how much of a run
-goes to batching, decoding and writing.
+Both count the seconds spent inside the model (``model_seconds``) and in the model's own input processor
+(``prepare_seconds``: chat template, tokenising, image preprocessing), so stages can report how much of a run
+goes to the model, to its processor and to the engine around them (reading, decoding, batching, writing).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class PromptTooLong(ValueError):
 class Backend(ABC):
     name: str
     model_seconds: float = 0.0
+    prepare_seconds: float = 0.0
 
     @abstractmethod
     def generate(self, requests: list[Request], max_new_tokens: int = 96, min_new_tokens: int = 0) -> list[Generation]:
@@ -88,7 +90,7 @@ class TransformersBackend(Backend):
             raise FileNotFoundError(f"cannot load model {model!r}: {str(error).splitlines()[0]}") from None
         self.processor.tokenizer.padding_side = "left"  # decoder-only batching
         self.name, self.device = model, device
-        self.model_seconds = 0.0
+        self.model_seconds = self.prepare_seconds = 0.0
         import inspect
 
         self.trims_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
@@ -103,9 +105,11 @@ class TransformersBackend(Backend):
 
     def _inputs(self, requests: list[Request], extra_tokens: list[int] | None = None):
         """Processor inputs for a batch; raises ``PromptTooLong`` naming the rows that do not fit."""
+        start = time.perf_counter()
         images = [r.images for r in requests]
         kwargs = {"images": images} if any(images) else {}
         inputs = self.processor(text=self._prompts(requests), return_tensors="pt", padding=True, **kwargs)
+        self.prepare_seconds += time.perf_counter() - start
         needed = inputs["attention_mask"].sum(1).tolist()
         extra = extra_tokens or [0] * len(requests)
         too_long = {i: n + e for i, (n, e) in enumerate(zip(needed, extra)) if n + e > self.context_length}
@@ -132,32 +136,36 @@ class TransformersBackend(Backend):
         import torch
 
         tokenizer = self.processor.tokenizer
-        target_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
+        start = time.perf_counter()
+        target_ids = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+        self.prepare_seconds += time.perf_counter() - start
         inputs = self._inputs(requests, [len(t) for t in target_ids])
-        # append each target after its (left-padded) prompt, then re-pad on the left
-        rows = []
-        for ids, mask, target in zip(inputs["input_ids"], inputs["attention_mask"], target_ids):
-            rows.append(ids[mask.bool()].tolist() + target)
-        width = max(len(r) for r in rows)
+        # append each target after its prompt, left-padded: [pad ... prompt target]
+        prompts, masks = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool()
+        lengths = masks.sum(1).tolist()
+        width = max(n + len(t) for n, t in zip(lengths, target_ids))
+        keep = max(len(t) for t in target_ids) + 1  # only the last positions predict targets
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
-        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        input_ids = torch.full((len(requests), width), pad, dtype=prompts.dtype)
+        attention = torch.zeros((len(requests), width), dtype=inputs["attention_mask"].dtype)
+        wanted = torch.zeros((len(requests), keep - 1), dtype=torch.long)  # the targets, aligned right
+        for row, (length, target) in enumerate(zip(lengths, target_ids)):
+            tail = torch.tensor(target, dtype=prompts.dtype)
+            input_ids[row, width - len(target) - length : width - len(target)] = prompts[row][masks[row]]
+            input_ids[row, width - len(target) :] = tail
+            attention[row, width - len(target) - length :] = 1
+            wanted[row, keep - 1 - len(target) :] = tail
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        keep = max(len(t) for t in target_ids) + 1  # only the last positions predict targets (left padding)
         if self.trims_logits:
             extra["logits_to_keep"] = keep
         start = time.perf_counter()
         with torch.no_grad():
-            logits = self.model(input_ids=input_ids, attention_mask=attention, **extra).logits[:, -keep:]
+            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **extra).logits
         self.model_seconds += time.perf_counter() - start
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        scores = []
-        for row, target in enumerate(target_ids):
-            n = len(target)
-            positions = torch.arange(keep - n - 1, keep - 1, device=self.device)  # logits that predict the target
-            picked = log_probs[row, positions, torch.tensor(target, device=self.device)]
-            scores.append(picked.tolist())
-        return scores
+        # the logits at positions -keep .. -2 predict the aligned targets
+        log_probs = torch.log_softmax(logits[:, -keep:-1].float(), dim=-1)
+        picked = log_probs.gather(-1, wanted.to(log_probs.device).unsqueeze(-1)).squeeze(-1).tolist()
+        return [row[keep - 1 - len(target) :] for row, target in zip(picked, target_ids)]
 
 
 class VLLMBackend(Backend):
@@ -176,26 +184,29 @@ class VLLMBackend(Backend):
         self.llm = LLM(model=model, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                        limit_mm_per_prompt={"image": 4})
         self.name = model
-        self.model_seconds = 0.0
+        self.model_seconds = self.prepare_seconds = 0.0
 
     @property
     def context_length(self) -> int:
         return int(self.llm.llm_engine.model_config.max_model_len)
 
-    def _prompt(self, request: Request, suffix: str = "") -> dict:
-        text = self.processor.apply_chat_template(_messages(request), add_generation_prompt=True) + suffix
+    def _chat(self, request: Request) -> str:
+        return self.processor.apply_chat_template(_messages(request), add_generation_prompt=True)
+
+    def _prompt(self, text: str, request: Request) -> dict:
         prompt = {"prompt": text}
         if request.images:
             prompt["multi_modal_data"] = {"image": request.images}
         return prompt
 
     def prompt_length(self, request: Request) -> int:
-        text = self.processor.apply_chat_template(_messages(request), add_generation_prompt=True)
         kwargs = {"images": [request.images]} if request.images else {}
-        return int(self.processor(text=[text], return_tensors="pt", **kwargs)["input_ids"].shape[1])
+        return int(self.processor(text=[self._chat(request)], return_tensors="pt", **kwargs)["input_ids"].shape[1])
 
-    def _check(self, requests: list[Request], extra: int) -> None:
-        needed = {i: self.prompt_length(r) + extra for i, r in enumerate(requests)}
+    def _check(self, requests: list[Request], extra: list[int]) -> None:
+        start = time.perf_counter()
+        needed = {i: self.prompt_length(r) + e for i, (r, e) in enumerate(zip(requests, extra))}
+        self.prepare_seconds += time.perf_counter() - start
         too_long = {i: n for i, n in needed.items() if n > self.context_length}
         if too_long:
             raise PromptTooLong(too_long, self.context_length)
@@ -203,10 +214,10 @@ class VLLMBackend(Backend):
     def generate(self, requests: list[Request], max_new_tokens: int = 96, min_new_tokens: int = 0) -> list[Generation]:
         from vllm import SamplingParams
 
-        self._check(requests, max_new_tokens)
+        self._check(requests, [max_new_tokens] * len(requests))
         start = time.perf_counter()
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, min_tokens=min_new_tokens)
-        outputs = self.llm.generate([self._prompt(r) for r in requests], params, use_tqdm=False)
+        outputs = self.llm.generate([self._prompt(self._chat(r), r) for r in requests], params, use_tqdm=False)
         self.model_seconds += time.perf_counter() - start
         return [Generation(o.outputs[0].text.strip(), len(o.outputs[0].token_ids)) for o in outputs]
 
@@ -214,18 +225,18 @@ class VLLMBackend(Backend):
         from vllm import SamplingParams
 
         tokenizer = self.processor.tokenizer
-        self._check(requests, max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets))
+        chats = [self._chat(r) for r in requests]
+        # the target's tokens are those that appending it adds (robust to merges at the boundary)
+        counts = [len(tokenizer(c + t, add_special_tokens=False)["input_ids"]) - len(tokenizer(c, add_special_tokens=False)["input_ids"])
+                  for c, t in zip(chats, targets)]
+        self._check(requests, counts)
         start = time.perf_counter()
-        outputs = self.llm.generate([self._prompt(r, t) for r, t in zip(requests, targets)],
+        outputs = self.llm.generate([self._prompt(c + t, r) for c, t, r in zip(chats, targets, requests)],
                                     SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
         self.model_seconds += time.perf_counter() - start
-        scores = []
-        for output, target in zip(outputs, targets):
-            n = len(tokenizer(target, add_special_tokens=False)["input_ids"])
-            ids = output.prompt_token_ids[-n:]
-            entries = output.prompt_logprobs[-n:]
-            scores.append([entry[token].logprob for entry, token in zip(entries, ids)])
-        return scores
+        # prompt_logprobs[i] holds log p(token i | tokens before it), the prompt's own token included
+        return [[entry[token].logprob for entry, token in zip(o.prompt_logprobs[-n:], o.prompt_token_ids[-n:])]
+                for o, n in zip(outputs, counts)]
 
 
 def load_backend(model: str, backend: str = "transformers", device: str = "cpu") -> Backend:

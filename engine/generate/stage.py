@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -48,11 +49,28 @@ class Selection:
         return len(self.rows)
 
     def batches(self, size: int):
-        """Rows with their ``images``, ``size`` at a time."""
-        for start in range(0, len(self.rows), size):
-            chunk = self.rows.slice(start, size)
-            images = self.dataset.take(chunk.column("pos").to_numpy(), columns=["images"]).column("images")
-            yield chunk.append_column("images", images).to_pylist()
+        """``size`` rows at a time, each as ``(row, images, error)``: the decoded images, or the exception that
+        decoding raised. The next batch is read and decoded on a worker thread while the caller works on
+        the current one (Lance and PIL release the GIL while they read and decode)."""
+        starts = range(0, len(self.rows), size)
+        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+            ahead = [pool.submit(self._load, start, size) for start in starts[:1]]
+            for start in starts:
+                batch = ahead.pop().result()
+                if start + size < len(self.rows):
+                    ahead.append(pool.submit(self._load, start + size, size))
+                yield batch
+
+    def _load(self, start: int, size: int) -> list[tuple[dict, list | None, Exception | None]]:
+        chunk = self.rows.slice(start, size)
+        images = self.dataset.take(chunk.column("pos").to_numpy(), columns=["images"]).column("images")
+        loaded = []
+        for row in chunk.append_column("images", images).to_pylist():
+            try:
+                loaded.append((row, decode_images(row.pop("images") or []), None))
+            except Exception as error:  # PIL raises many types for a broken image
+                loaded.append((row, None, error))
+        return loaded
 
 
 def select_rows(store: Store, condition: str, done: set[str], limit: int | None = None, corrupted: bool = False) -> Selection:
@@ -77,6 +95,7 @@ class StageReport:
     rejected: int = 0
     seconds: float = 0.0
     model_seconds: float = 0.0
+    prepare_seconds: float = 0.0  # in the model's input processor (chat template, tokenising, image preprocessing)
     reasons: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -85,8 +104,13 @@ class StageReport:
 
     @property
     def outside_share(self) -> float:
-        """Share of the run spent outside model forward passes (batching, decoding, writing)."""
+        """Share of the run spent outside model forward passes (processor, batching, decoding, writing)."""
         return 1 - self.model_seconds / self.seconds if self.seconds else 0.0
+
+    @property
+    def engine_share(self) -> float:
+        """Share of the run spent in neither the model nor its processor: reading, decoding, batching, writing."""
+        return 1 - (self.model_seconds + self.prepare_seconds) / self.seconds if self.seconds else 0.0
 
 
 def run_stage(store: Store, backend: Backend, stage: str, table: str, rows: Selection,
@@ -100,55 +124,72 @@ def run_stage(store: Store, backend: Backend, stage: str, table: str, rows: Sele
     report = StageReport(run_id=new_run_id(stage))
     started = dt.datetime.now(dt.timezone.utc)
     clock = time.perf_counter()
-    model_before = backend.model_seconds
+    model_before, prepare_before = backend.model_seconds, backend.prepare_seconds
     bar = tqdm(total=len(rows), desc=f"{stage} ({backend.name})", unit="sample", disable=not progress)
     pending, rejects = [], []
+    writer = ThreadPoolExecutor(1, thread_name_prefix="commit")
+    in_flight: list[Future] = []  # at most one commit being written
+
+    def write(done: list[dict], refused: list[dict]) -> None:
+        if refused:  # rejects first: a kill between the two commits just redoes the good rows
+            store.append("rejects", refused)
+        if done:
+            store.append(table, done)
+
+    def land() -> None:
+        """Wait for the commit in flight (and raise its error, if writing failed)."""
+        while in_flight:
+            in_flight.pop().result()
 
     def commit() -> None:
-        if rejects:  # rejects first: a kill between the two commits just redoes the good rows
-            store.append("rejects", rejects)
-        if pending:
-            store.append(table, pending)
+        """Hand the pending rows to the writer thread once the previous commit has landed: the model keeps
+        working while they are written, and memory stays bounded."""
+        land()
+        if pending or rejects:
+            in_flight.append(writer.submit(write, pending.copy(), rejects.copy()))
         pending.clear()
         rejects.clear()
 
-    for batch in rows.batches(batch_size):
-        good, requests = [], []
+    try:
+        for batch in rows.batches(batch_size):
+            good, requests = [], []
 
-        def reject(row: dict, reason: str) -> None:
-            rejects.append({"sample_id": row["sample_id"], "stage": stage, "reason": reason, "run_id": report.run_id})
-            kind = reason.split(" (")[0]
-            report.reasons[kind] = report.reasons.get(kind, 0) + 1
-            report.rejected += 1
+            def reject(row: dict, reason: str) -> None:
+                rejects.append({"sample_id": row["sample_id"], "stage": stage, "reason": reason, "run_id": report.run_id})
+                kind = reason.split(" (")[0]
+                report.reasons[kind] = report.reasons.get(kind, 0) + 1
+                report.rejected += 1
 
-        for row in batch:
-            try:
-                request = build_request(row, decode_images(row["images"] or []))
-            except Exception as error:  # PIL raises many types for a broken image
-                reject(row, f"image cannot be decoded ({type(error).__name__})")
-            else:
-                good.append(row)
-                requests.append(request)
-        results = []
-        while good:
-            try:
-                results = process(good, requests)
-                break
-            except PromptTooLong as error:  # reject the rows that do not fit, run the rest
-                for index in sorted(error.rows, reverse=True):
-                    reject(good[index], f"prompt needs {error.rows[index]} tokens, more than the model context of {error.context}")
-                    del good[index], requests[index]
-        for result in results:
-            result["run_id"] = report.run_id
-        pending.extend(results)
-        report.written += len(results)
-        if len(pending) + len(rejects) >= commit_rows:
-            commit()
-        bar.update(len(batch))
-    commit()
+            for row, images, error in batch:
+                if error is not None:
+                    reject(row, f"image cannot be decoded ({type(error).__name__})")
+                else:
+                    good.append(row)
+                    requests.append(build_request(row, images))
+            results = []
+            while good:
+                try:
+                    results = process(good, requests)
+                    break
+                except PromptTooLong as error:  # reject the rows that do not fit, run the rest
+                    for index in sorted(error.rows, reverse=True):
+                        reject(good[index], f"prompt needs {error.rows[index]} tokens, more than the model context of {error.context}")
+                        del good[index], requests[index]
+            for result in results:
+                result["run_id"] = report.run_id
+            pending.extend(results)
+            report.written += len(results)
+            if len(pending) + len(rejects) >= commit_rows:
+                commit()
+            bar.update(len(batch))
+        commit()
+        land()
+    finally:
+        writer.shutdown()  # after an error, the commit in flight still lands
     bar.close()
     report.seconds = time.perf_counter() - clock
     report.model_seconds = backend.model_seconds - model_before
-    store.record_run(report.run_id, stage, {**config, "model_seconds": report.model_seconds, "seconds": report.seconds},
-                     started, report.written)
+    report.prepare_seconds = backend.prepare_seconds - prepare_before
+    timing = {"model_seconds": report.model_seconds, "processor_seconds": report.prepare_seconds, "seconds": report.seconds}
+    store.record_run(report.run_id, stage, {**config, **timing}, started, report.written)
     return report

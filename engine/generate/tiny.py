@@ -2,6 +2,7 @@
 saved to a folder: tests and benchmarks load them through the same code users run, with no hub access.
 
 - ``tiny``: an Idefics3 (SmolVLM) model of a few hundred thousand parameters, well under a second per call.
+- ``tiny-h64``: the same with 64-wide attention heads, as vLLM's attention kernels need.
 - ``smolvlm-256m``: the layer sizes of SmolVLM-256M (SigLIP-B/16 vision tower at 512 px, 30-layer 576-wide
   SmolLM2 text model, 64 image tokens): random weights, but honest compute for throughput figures.
 """
@@ -30,6 +31,10 @@ SIZES = {
     "tiny": dict(text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
                  vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
                  scale_factor=2, vocab_size=None),
+    # the tiny model with 64-wide attention heads, the smallest size vLLM's attention kernels take
+    "tiny-h64": dict(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
+                     vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+                     scale_factor=2, vocab_size=None),
     "smolvlm-256m": dict(text=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3),
                          vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=512, patch_size=16),
                          scale_factor=4, vocab_size=49280),
