@@ -68,6 +68,10 @@ def decode_images(images: list[bytes]) -> list[Image.Image]:
     return [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
 
 
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
 def _messages(request: Request) -> list[dict]:
     content = [{"type": "image"} for _ in request.images] + [{"type": "text", "text": request.text}]
     return [{"role": "user", "content": content}]
@@ -76,23 +80,28 @@ def _messages(request: Request) -> list[dict]:
 class TransformersBackend(Backend):
     """An image-text-to-text model through ``AutoProcessor`` and ``AutoModelForImageTextToText``."""
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "auto"):
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", processor=None):
+        """``processor``: use this processor instead of the folder's own (for example one built with other
+        image sizes)."""
+        import inspect
+
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if not Path(model).exists() and "/" not in model:
             raise FileNotFoundError(f"model {model!r} is neither a local folder nor a hub id (owner/name)")
         try:
-            self.processor = AutoProcessor.from_pretrained(model)
+            self.processor = processor if processor is not None else AutoProcessor.from_pretrained(model)
             torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
             self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype).to(device).eval()
         except OSError as error:
-            raise FileNotFoundError(f"cannot load model {model!r}: {str(error).splitlines()[0]}") from None
+            raise FileNotFoundError(f"cannot load model {model!r}: {_first_line(error)}") from None
+        except ImportError as error:  # e.g. Qwen2.5-VL's processor needs torchvision for its video part
+            sentence = " ".join(str(error).split()).split(". ")[0].rstrip(".")
+            raise RuntimeError(f"cannot load model {model!r}: {sentence} (install the missing package)") from None
         self.processor.tokenizer.padding_side = "left"  # decoder-only batching
         self.name, self.device = model, device
         self.model_seconds = self.prepare_seconds = 0.0
-        import inspect
-
         self.trims_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     @property
@@ -149,13 +158,20 @@ class TransformersBackend(Backend):
         input_ids = torch.full((len(requests), width), pad, dtype=prompts.dtype)
         attention = torch.zeros((len(requests), width), dtype=inputs["attention_mask"].dtype)
         wanted = torch.zeros((len(requests), keep - 1), dtype=torch.long)  # the targets, aligned right
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        # other per-token inputs (Qwen2.5-VL's mm_token_type_ids, token_type_ids) move with their tokens; 0 = text
+        per_token = {k: v.cpu() for k, v in extra.items() if torch.is_tensor(v) and v.shape == prompts.shape}
+        moved = {k: torch.zeros((len(requests), width), dtype=v.dtype) for k, v in per_token.items()}
         for row, (length, target) in enumerate(zip(lengths, target_ids)):
             tail = torch.tensor(target, dtype=prompts.dtype)
-            input_ids[row, width - len(target) - length : width - len(target)] = prompts[row][masks[row]]
+            span = slice(width - len(target) - length, width - len(target))
+            input_ids[row, span] = prompts[row][masks[row]]
             input_ids[row, width - len(target) :] = tail
-            attention[row, width - len(target) - length :] = 1
+            attention[row, span.start :] = 1
             wanted[row, keep - 1 - len(target) :] = tail
-        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+            for name, values in per_token.items():
+                moved[name][row, span] = values[row][masks[row]]
+        extra.update({k: v.to(self.device) for k, v in moved.items()})
         if self.trims_logits:
             extra["logits_to_keep"] = keep
         start = time.perf_counter()

@@ -5,6 +5,8 @@ saved to a folder: tests and benchmarks load them through the same code users ru
 - ``tiny-h64``: the same with 64-wide attention heads, as vLLM's attention kernels need.
 - ``smolvlm-256m``: the layer sizes of SmolVLM-256M (SigLIP-B/16 vision tower at 512 px, 30-layer 576-wide
   SmolLM2 text model, 64 image tokens): random weights, but honest compute for throughput figures.
+
+``build_tiny_qwen2_5_vl`` builds a tiny Qwen2.5-VL (the default captioner's architecture) the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CORPUS = [
     "User: Describe this image in one or two sentences. Mention what the image depicts and quote any text shown.",
@@ -41,21 +48,32 @@ SIZES = {
 }
 
 
-def build_tiny_smolvlm(folder: Path, context: int = 256, size: str = "tiny") -> Path:
-    """An Idefics3 (SmolVLM) model of the given ``size`` (see ``SIZES``), saved with its processor."""
+def _tokenizer(special: list[str], pad: str, eos: str, context: int, unk: str | None = None, bos: str | None = None,
+               extra: list[str] = ()):
+    """A byte-level BPE tokenizer of 400 tokens trained on ``CORPUS``, with the architecture's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
-                              Idefics3Processor, LlamaConfig, PreTrainedTokenizerFast)
+    from transformers import PreTrainedTokenizerFast
 
-    special = ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>", "<global-img>"]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer = Tokenizer(models.BPE(unk_token=unk))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
                                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<|im_start|>", eos_token="<end_of_utterance>", model_max_length=context)
-    fast.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>"]})
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=pad, unk_token=unk, bos_token=bos, eos_token=eos,
+                                   model_max_length=context)
+    if extra:
+        fast.add_special_tokens({"additional_special_tokens": list(extra)})
+    return fast
+
+
+def build_tiny_smolvlm(folder: Path, context: int = 256, size: str = "tiny") -> Path:
+    """An Idefics3 (SmolVLM) model of the given ``size`` (see ``SIZES``), saved with its processor."""
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
+                              Idefics3Processor, LlamaConfig)
+
+    fast = _tokenizer(["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>", "<global-img>"],
+                      pad="<pad>", unk="<unk>", bos="<|im_start|>", eos="<end_of_utterance>", context=context,
+                      extra=["<image>", "<fake_token_around_image>", "<global-img>"])
     shape = SIZES[size]
     text = LlamaConfig(vocab_size=shape["vocab_size"] or len(fast), max_position_embeddings=context, pad_token_id=fast.pad_token_id,
                        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, **shape["text"])
@@ -70,4 +88,41 @@ def build_tiny_smolvlm(folder: Path, context: int = 256, size: str = "tiny") -> 
                                              max_image_size={"longest_edge": image_size})
     Idefics3Processor(image_processor=image_processor, tokenizer=fast, image_seq_len=image_tokens,
                       chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_qwen2_5_vl(folder: Path, context: int = 512) -> Path:
+    """A Qwen2.5-VL model of a few hundred thousand parameters (one-block window-attention vision tower,
+    M-RoPE text model), saved as the hub's Qwen2.5-VL folders are: weights, tokenizer with chat template and
+    image processor. In transformers 5 its processor also needs a video processor, which needs torchvision;
+    that part is saved only where torchvision is installed."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    fast = _tokenizer(special, pad="<|endoftext|>", eos="<|im_end|>", context=context)
+    ids = {token: fast.convert_tokens_to_ids(token) for token in special}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=context, bos_token_id=None,
+                         pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, out_hidden_size=32, fullatt_block_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56)  # 1 to 4 image tokens
+    try:
+        from transformers import Qwen2_5_VLProcessor
+        from transformers.models.qwen2_vl import Qwen2VLVideoProcessor
+
+        Qwen2_5_VLProcessor(image_processor=images, tokenizer=fast, video_processor=Qwen2VLVideoProcessor(),
+                            chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(folder)
+    except ImportError:  # no torchvision: save the parts that do not need it
+        fast.chat_template = QWEN_CHAT_TEMPLATE
+        fast.save_pretrained(folder)
+        images.save_pretrained(folder)
     return folder
