@@ -251,8 +251,12 @@ class VLLMBackend(Backend):
                                     SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
         self.model_seconds += time.perf_counter() - start
         # prompt_logprobs[i] holds log p(token i | tokens before it), the prompt's own token included
-        return [[entry[token].logprob for entry, token in zip(o.prompt_logprobs[-n:], o.prompt_token_ids[-n:])]
-                for o, n in zip(outputs, counts)]
+        scores = []
+        for output, n in zip(outputs, counts):
+            first = len(output.prompt_token_ids) - n  # not [-n:]: an empty target has n = 0
+            entries, ids = output.prompt_logprobs[first:], output.prompt_token_ids[first:]
+            scores.append([entry[token].logprob for entry, token in zip(entries, ids)])
+        return scores
 
 
 def load_backend(model: str, backend: str = "transformers", device: str = "cpu") -> Backend:
