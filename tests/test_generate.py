@@ -15,7 +15,8 @@ from engine.generate import (Request, caption, corrupt, load_backend, perplexity
                              validation_report)
 from engine.generate.corrupt import offered_letters
 from engine.generate.backends import TransformersBackend
-from engine.generate.tiny import QWEN_CHAT_TEMPLATE, build_tiny_qwen2_5_vl, build_tiny_smolvlm
+from engine.generate.tiny import (LLAVA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, build_tiny_llava_onevision, build_tiny_qwen2_5_vl,
+                                 build_tiny_smolvlm)
 from engine.ingest import ingest
 from engine.ingest.cauldron import ParquetFolderSource
 from engine.recipes import build, load_recipe
@@ -77,25 +78,42 @@ def tiny_qwen(tmp_path_factory) -> str:
     return str(build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen")))
 
 
-def qwen_images_only_processor(folder: str):
-    """Qwen2.5-VL's processor without its video part: transformers 5 builds that part only with torchvision,
-    which the CPU setup here lacks, and images never use it."""
-    from transformers import AutoTokenizer, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
-
-    processor = Qwen2_5_VLProcessor.__new__(Qwen2_5_VLProcessor)
-    processor.image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder)
-    processor.tokenizer = AutoTokenizer.from_pretrained(folder)
-    processor.chat_template = QWEN_CHAT_TEMPLATE
-    processor.image_token, processor.video_token = "<|image_pad|>", "<|video_pad|>"
-    processor.image_token_id, processor.video_token_id = (processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>"))
-    return processor
+# architecture -> (builder, processor class, image processor class, chat template, processor attributes)
+ARCHITECTURES = {
+    "qwen2.5-vl": (build_tiny_qwen2_5_vl, "Qwen2_5_VLProcessor", "Qwen2VLImageProcessorPil", QWEN_CHAT_TEMPLATE,
+                   {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}),
+    "llava-onevision": (build_tiny_llava_onevision, "LlavaOnevisionProcessor", "LlavaOnevisionImageProcessorPil", LLAVA_CHAT_TEMPLATE,
+                        {"image_token": "<image>", "video_token": "<video>", "num_image_tokens": 16,
+                         "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"}),
+}
 
 
-def test_qwen2_5_vl_batches_and_scores_like_one_at_a_time(tiny_qwen):
-    """Qwen2.5-VL's M-RoPE positions come from per-token inputs (mm_token_type_ids) that must move with
-    their tokens when a target is appended for scoring."""
-    backend = TransformersBackend(tiny_qwen, processor=qwen_images_only_processor(tiny_qwen))
+def images_only_backend(folder: str, processor_class: str, image_class: str, template: str, attributes: dict) -> TransformersBackend:
+    """The folder's model with its processor minus the video part: transformers 5 builds that part only with
+    torchvision, which the CPU setup here lacks, and images never use it. With torchvision: the user path."""
+    import transformers
+
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        processor = getattr(transformers, processor_class).__new__(getattr(transformers, processor_class))
+        processor.image_processor = getattr(transformers, image_class).from_pretrained(folder)
+        processor.tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        processor.chat_template = template
+        for name, value in attributes.items():
+            setattr(processor, name, value)
+        processor.image_token_id = processor.tokenizer.convert_tokens_to_ids(attributes["image_token"])
+        processor.video_token_id = processor.tokenizer.convert_tokens_to_ids(attributes["video_token"])
+        return TransformersBackend(folder, processor=processor)
+    return TransformersBackend(folder)
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_other_architectures_batch_and_score_like_one_at_a_time(architecture, tmp_path):
+    """Qwen2.5-VL (M-RoPE positions from per-token mm_token_type_ids, which must move with their tokens when
+    a target is appended) and LLaVA-OneVision (anyres tiles): batched = one at a time = unpadded reference."""
+    build, *processor = ARCHITECTURES[architecture]
+    backend = images_only_backend(str(build(tmp_path / architecture)), *processor)
     requests = [Request([image()], "Describe this image."),
                 Request([image((0, 0, 200), (64, 64))], "what color is the shape? Answer with one word please.")]
     assert [g.text for g in backend.generate(requests, 6)] == [backend.generate([r], 6)[0].text for r in requests]

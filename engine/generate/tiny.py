@@ -6,7 +6,8 @@ saved to a folder: tests and benchmarks load them through the same code users ru
 - ``smolvlm-256m``: the layer sizes of SmolVLM-256M (SigLIP-B/16 vision tower at 512 px, 30-layer 576-wide
   SmolLM2 text model, 64 image tokens): random weights, but honest compute for throughput figures.
 
-``build_tiny_qwen2_5_vl`` builds a tiny Qwen2.5-VL (the default captioner's architecture) the same way.
+``build_tiny_qwen2_5_vl`` and ``build_tiny_llava_onevision`` build tiny Qwen2.5-VL (the default captioner's
+architecture) and LLaVA-OneVision models the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ QWEN_CHAT_TEMPLATE = (
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+LLAVA_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
 CORPUS = [
     "User: Describe this image in one or two sentences. Mention what the image depicts and quote any text shown.",
     "Assistant: A single red circle drawn on a plain light background.",
@@ -115,14 +117,49 @@ def build_tiny_qwen2_5_vl(folder: Path, context: int = 512) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
     images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56)  # 1 to 4 image tokens
-    try:
-        from transformers import Qwen2_5_VLProcessor
-        from transformers.models.qwen2_vl import Qwen2VLVideoProcessor
-
-        Qwen2_5_VLProcessor(image_processor=images, tokenizer=fast, video_processor=Qwen2VLVideoProcessor(),
-                            chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(folder)
-    except ImportError:  # no torchvision: save the parts that do not need it
-        fast.chat_template = QWEN_CHAT_TEMPLATE
-        fast.save_pretrained(folder)
-        images.save_pretrained(folder)
+    _save_processor(folder, "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", images, fast, QWEN_CHAT_TEMPLATE)
     return folder
+
+
+def build_tiny_llava_onevision(folder: Path, context: int = 512) -> Path:
+    """A LLaVA-OneVision model of a few hundred thousand parameters (SigLIP tower at 32 px, anyres tiling up
+    to 2x2 tiles, Qwen2 text model), saved like ``build_tiny_qwen2_5_vl``."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision import LlavaOnevisionImageProcessorPil
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    fast = _tokenizer(special, pad="<|endoftext|>", eos="<|im_end|>", context=context)
+    ids = {token: fast.convert_tokens_to_ids(token) for token in special}
+    tiles = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=dict(model_type="qwen2", vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, bos_token_id=None,
+                         pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        image_token_index=ids["<image>"], video_token_index=ids["<video>"], image_grid_pinpoints=tiles,
+        vision_feature_layer=-1, vision_feature_select_strategy="full")
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(folder)
+    images = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
+                                             image_grid_pinpoints=tiles)
+    _save_processor(folder, "LlavaOnevisionProcessor", "LlavaOnevisionVideoProcessor", images, fast, LLAVA_CHAT_TEMPLATE,
+                    num_image_tokens=16, vision_feature_select_strategy="full")
+    return folder
+
+
+def _save_processor(folder: Path, processor: str, video_processor: str, images, tokenizer, chat_template: str, **kwargs) -> None:
+    """Save the whole processor where torchvision is installed (transformers 5 needs it for the video part);
+    otherwise the parts that do not need it, as a hub folder has them."""
+    import transformers
+
+    try:
+        video = getattr(transformers, video_processor)()
+    except ImportError:
+        tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(folder)
+        images.save_pretrained(folder)
+    else:
+        getattr(transformers, processor)(image_processor=images, tokenizer=tokenizer, video_processor=video,
+                                         chat_template=chat_template, **kwargs).save_pretrained(folder)
