@@ -144,8 +144,8 @@ def test_a_model_whose_processor_needs_torchvision_fails_with_one_line(tiny_qwen
 def test_vllm_backend_matches_transformers(tmp_path):
     pytest.importorskip("vllm", reason="pip install -e '.[vllm]'")
     model = str(build_tiny_smolvlm(tmp_path / "tiny-h64", size="tiny-h64"))
-    vllm_backend = load_backend(model, "vllm")
-    transformers_backend = load_backend(model, device="cuda")
+    vllm_backend = load_backend(model, "vllm", dtype="float32")  # the same precision on both sides
+    transformers_backend = load_backend(model, device="cuda", dtype="float32")
     requests = [Request([image()], "Describe this image."), Request([image()], "What color is the shape?")]
     assert [g.text for g in vllm_backend.generate(requests, 8)] == [g.text for g in transformers_backend.generate(requests, 8)]
     targets = ["No", "red circle"]

@@ -188,7 +188,7 @@ class VLLMBackend(Backend):
     """The same calls through vLLM (CUDA only). Scores come from ``prompt_logprobs`` over the prompt plus
     target, reading the target's tokens."""
 
-    def __init__(self, model: str, max_model_len: int | None = None, gpu_memory_utilization: float = 0.9):
+    def __init__(self, model: str, max_model_len: int | None = None, gpu_memory_utilization: float = 0.9, dtype: str = "auto"):
         import torch
 
         if not torch.cuda.is_available():
@@ -198,7 +198,7 @@ class VLLMBackend(Backend):
 
         self.processor = AutoProcessor.from_pretrained(model)
         self.llm = LLM(model=model, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                       limit_mm_per_prompt={"image": 4})
+                       limit_mm_per_prompt={"image": 4}, dtype=dtype)
         self.name = model
         self.model_seconds = self.prepare_seconds = 0.0
 
@@ -259,13 +259,14 @@ class VLLMBackend(Backend):
         return scores
 
 
-def load_backend(model: str, backend: str = "transformers", device: str = "cpu") -> Backend:
-    """A backend for a model id or folder; fails at once, with one line, if the model cannot be loaded."""
+def load_backend(model: str, backend: str = "transformers", device: str = "cpu", dtype: str = "auto") -> Backend:
+    """A backend for a model id or folder; fails at once, with one line, if the model cannot be loaded.
+    ``dtype``: "auto" (the model's own), or a torch dtype name such as "bfloat16" or "float32"."""
     if backend == "vllm":
-        return VLLMBackend(model)
+        return VLLMBackend(model, dtype=dtype)
     if backend != "transformers":
         raise ValueError(f"unknown backend {backend!r}; choose transformers or vllm")
-    return TransformersBackend(model, device)
+    return TransformersBackend(model, device, dtype)
 
 
 def perplexity(log_probs: list[float]) -> float:
