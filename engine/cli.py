@@ -239,6 +239,31 @@ def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, quiet):
     click.echo(f"run {run_id}: {counts['corrupted']} of {counts['rows']} answers corrupted ({kinds})")
 
 
+@main.command()
+@click.option("--model", default="Qwen/Qwen2.5-VL-32B-Instruct", show_default=True, help=MODEL_HELP)
+@click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--where", default="task_kind = 'image_heavy'", show_default=True,
+              help="SQL filter over facts: the rows whose misleading descriptions need facts")
+@click.option("--salt", default="perturb", show_default=True, help="the recipe's perturb.salt (it picks the wrong options)")
+@click.option("--per-option", default=2, show_default=True, help="facts to ask for about each option")
+@click.option("--limit", type=int, help="at most this many options (for trying things out)")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--quiet", is_flag=True)
+@click.pass_context
+def facts(ctx, model, backend, device, where, salt, per_option, limit, batch_size, quiet):
+    """Facts about the wrong options of misleading descriptions, written by a model and cached for recipes
+    (perturb.facts_model); each option is asked once per model and prompt."""
+    from engine.generate.facts import write_facts
+
+    try:
+        report = write_facts(_store(ctx), _backend(model, backend, device), where, salt, per_option, limit, batch_size, not quiet)
+    except ValueError as error:
+        raise Fail(str(error)) from None
+    click.echo(f"run {report.run_id}: facts for {report.written} of {report.options} options "
+               f"({report.empty} replies without a usable fact, {report.too_long} prompts too long)")
+
+
 @main.command(name="eval")
 @click.option("--model", default="HuggingFaceTB/SmolVLM-256M-Instruct", show_default=True, help=MODEL_HELP)
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)

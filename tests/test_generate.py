@@ -4,6 +4,7 @@ import math
 import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,8 +14,8 @@ from conftest import REPO, cauldron_parquet, kill_after_commits, png, qa, run_to
 from engine.cli import main
 from engine.generate import (Request, caption, corrupt, load_backend, perplexity, precision_recall, validate,
                              validation_report)
-from engine.generate.corrupt import offered_letters
 from engine.generate.backends import TransformersBackend
+from engine.generate.corrupt import offered_letters
 from engine.generate.tiny import (LLAVA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, build_tiny_llava_onevision, build_tiny_qwen2_5_vl,
                                  build_tiny_smolvlm)
 from engine.ingest import ingest
@@ -341,3 +342,48 @@ def test_cli_caption_validate_corrupt_report(small_store, tiny_vlm, tmp_path):
     assert scored.exit_code == 0, scored.output
     report = runner.invoke(main, [*store, "validate", "--model", tiny_vlm, "--report", "--plot", str(tmp_path / "p.png")])
     assert report.exit_code == 0 and "PPL precision" in report.output and (tmp_path / "p.png").exists()
+
+
+# -- facts for misleading descriptions ---------------------------------------------------------------------
+
+def test_parse_facts_takes_lines_or_sentences():
+    from engine.generate.facts import parse_facts
+
+    assert parse_facts("1. Circles are round.\n2) Wheels are circles.\n\n- A third.", 2) == ["Circles are round.", "Wheels are circles."]
+    assert parse_facts("Red is warm. Stop signs are red! Roses too.", 2) == ["Red is warm.", "Stop signs are red!"]
+    assert parse_facts("  \n", 2) == []
+
+
+def test_model_facts_are_cached_once_and_feed_misleading_descriptions(sample_store, backend, tmp_path):
+    from engine.generate.facts import needed_options, write_facts
+
+    options = needed_options(sample_store)
+    first = write_facts(sample_store, backend, limit=10, progress=False)
+    assert (first.options, first.written) == (10, 10)
+    second = write_facts(sample_store, backend, limit=10, progress=False)  # the 10 done are not asked again
+    cached = sample_store.arrow("option_facts").to_pylist()
+    assert second.written == 10 and sorted(r["option"] for r in cached) == options[:20]
+    model_facts = {r["option"]: r["facts"] for r in cached if r["facts"]}
+    recipe = load_recipe(REPO / "recipes" / "cauldron_r0.yaml", [f"output.path={tmp_path / 'out'}",
+                         "perturb={image_heavy: {misleading: 1.0}, facts_model: " + backend.name + "}"])
+    manifest = build(sample_store, recipe, progress=False).manifest
+    with_model_facts = 0
+    for row in pq.read_table(tmp_path / "out" / "parquet").to_pylist():
+        if row["perturbation"] != "misleading":
+            continue
+        user = row["texts"][0]["user"]
+        named = [o for o in model_facts if user.lower().startswith(f"the picture seems to describe a {o}. ")]
+        if named:  # the sentence after the lead is one of the model's facts about that option
+            after = user[len(f"The picture seems to describe a {named[0]}. "):]
+            assert any(after.startswith(fact + " ") for fact in model_facts[named[0]])
+            with_model_facts += 1
+    assert with_model_facts > 0 and manifest["rows"]["variants"]["misleading_with_model_facts"] == with_model_facts
+
+
+def test_facts_cli_names_bad_sql_and_reports_counts(small_store, tiny_vlm):
+    base = ["--store", str(small_store.root), "facts", "--model", tiny_vlm, "--quiet"]
+    result = CliRunner().invoke(main, [*base, "--where", "nonsense (("])
+    assert result.exit_code == 2 and "invalid SQL in where" in result.output and result.output.count("\n") == 1
+    result = CliRunner().invoke(main, [*base, "--where", "true", "--per-option", "1"])
+    assert result.exit_code == 0, result.output
+    assert "facts for 3 of 3 options" in result.output  # vqav2 labels red/blue/green: each row's wrong one

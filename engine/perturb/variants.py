@@ -17,9 +17,9 @@ from functools import cache
 
 from PIL import Image
 
+from engine.hashing import hash_u64
 from engine.paths import RECIPES_DIR, load_yaml
 from engine.perturb.image import canvas
-from engine.hashing import hash_u64
 
 TEXT_PERTURBATIONS = ("unrelated_facts", "misleading")
 IMAGE_PERTURBATIONS = ("random_pixels", "black", "white", "irrelevant_image")
@@ -62,9 +62,27 @@ def wrong_option(question: str, answer: str, label: str | None, labels: list[str
     return _choose(candidates, f"{salt}:wrong", sample_id)[0] if candidates else None
 
 
-def misleading(text: str, wrong: str, sample_id: str, facts: int = 1, salt: str = "perturb") -> str:
-    """"The picture seems to describe a {wrong}. {facts about it}" before the question."""
-    about = fact_pool()["about"].get(str(wrong).lower(), [])
+def subset_options(con) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Per subset, the labels and up to 200 answers (the same 200 every time: lowest MD5) that wrong options
+    are drawn from. ``con`` is a store connection (``Store.connect``)."""
+    labels = dict(con.execute(
+        "select subset, list(distinct label order by label) filter (label is not null) from samples group by subset"
+    ).fetchall())
+    answers = dict(con.execute(
+        """select subset, list(answer order by answer) from (
+            select distinct subset, turns[1].assistant as answer from samples
+            qualify row_number() over (partition by subset order by md5(answer), answer) <= 200)
+        group by subset"""
+    ).fetchall())
+    return {k: v or [] for k, v in labels.items()}, answers
+
+
+def misleading(text: str, wrong: str, sample_id: str, facts: int = 1, salt: str = "perturb",
+               model_facts: dict[str, list[str]] | None = None) -> str:
+    """"The picture seems to describe a {wrong}. {facts about it}" before the question. Facts come from
+    ``model_facts`` (option -> a model's facts, see ``engine facts``) when it has some for the option, else
+    from the shipped pool."""
+    about = (model_facts or {}).get(str(wrong).lower()) or fact_pool()["about"].get(str(wrong).lower(), [])
     lead = f"The picture seems to describe a {wrong}."
     extra = _choose(about, f"{salt}:about", sample_id, facts) if about else []
     return " ".join([lead, *extra, text])

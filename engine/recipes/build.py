@@ -27,7 +27,7 @@ from engine.hashing import hash_u64_sql, tier_threshold
 from engine.sql import sql_list, sql_literal
 from engine.recipes.mixture import allocate, temperature_weights
 from engine.perturb.variants import (IMAGE_PERTURBATIONS, TEXT_PERTURBATIONS, misleading, replacement_image,
-                                     unrelated_facts, wrong_option)
+                                     subset_options, unrelated_facts, wrong_option)
 from engine.recipes.output import HF_IMAGE, MIXTURE_SCHEMA, TURN, MixtureWriter, publish
 from engine.recipes.recipe import Recipe, RecipeError
 from engine.store import Store, package_versions
@@ -228,13 +228,14 @@ class Perturber:
 
     def __init__(self, con: duckdb.DuckDBPyConnection, dataset, perturb: dict):
         self.facts, self.salt = perturb.get("facts", 3), perturb.get("salt", "perturb")
-        stats = con.execute(
-            """select subset, list(distinct label) filter (label is not null),
-                      list(distinct turns[1].assistant)[1:200]
-            from samples group by subset"""
-        ).fetchall()
-        self.labels = {subset: sorted(labels or []) for subset, labels, _ in stats}
-        self.answers = {subset: sorted(answers or []) for subset, _, answers in stats}
+        self.labels, self.answers = subset_options(con)
+        self.model_facts: dict[str, list[str]] = {}
+        if perturb.get("facts_model"):  # the newest facts per option that this model wrote (`engine facts`)
+            self.model_facts = dict(con.execute(
+                """select option, facts from option_facts where model = ? and len(facts) > 0
+                qualify row_number() over (partition by option order by run_id desc) = 1""", [perturb["facts_model"]]
+            ).fetchall())
+        self.with_model_facts = 0
         self.donors: list[tuple[str, bytes]] = []
         if (perturb.get("text_heavy") or {}).get("irrelevant_image"):
             picks = con.execute(
@@ -254,7 +255,8 @@ class Perturber:
                                  self.answers.get(row["subset"], []), sample_id, self.salt)
             if wrong is None:
                 return None
-            turns[0]["user"] = misleading(turns[0]["user"], wrong, sample_id, salt=self.salt)
+            turns[0]["user"] = misleading(turns[0]["user"], wrong, sample_id, salt=self.salt, model_facts=self.model_facts)
+            self.with_model_facts += str(wrong).lower() in self.model_facts
         else:
             if not images:
                 return None
@@ -427,6 +429,8 @@ def _write_mixture(con, dataset, decisions: pa.Table, tmp: Path, recipe: Recipe,
             writer.write(table)
     finally:
         hashes = writer.close()
+    if perturber is not None and perturber.model_facts:
+        written["misleading_with_model_facts"] = perturber.with_model_facts
     return hashes, dict(sorted(written.items()))
 
 
