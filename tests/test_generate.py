@@ -20,7 +20,7 @@ from engine.generate.tiny import (LLAVA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, build
                                  build_tiny_smolvlm)
 from engine.ingest import ingest
 from engine.ingest.cauldron import ParquetFolderSource
-from engine.recipes import build, load_recipe
+from engine.recipes import RecipeError, build, load_recipe
 from engine.store import Store
 
 
@@ -358,14 +358,16 @@ def test_model_facts_are_cached_once_and_feed_misleading_descriptions(sample_sto
     from engine.generate.facts import needed_options, write_facts
 
     options = needed_options(sample_store)
+    perturb = "perturb={image_heavy: {misleading: 1.0}, facts_model: " + backend.name + "}"
+    with pytest.raises(RecipeError, match=r"perturb.facts_model: the store has no facts from .*run `engine facts"):
+        build(sample_store, load_recipe(REPO / "recipes" / "cauldron_r0.yaml", [f"output.path={tmp_path / 'out'}", perturb]), progress=False)
     first = write_facts(sample_store, backend, limit=10, progress=False)
     assert (first.options, first.written) == (10, 10)
     second = write_facts(sample_store, backend, limit=10, progress=False)  # the 10 done are not asked again
     cached = sample_store.arrow("option_facts").to_pylist()
     assert second.written == 10 and sorted(r["option"] for r in cached) == options[:20]
     model_facts = {r["option"]: r["facts"] for r in cached if r["facts"]}
-    recipe = load_recipe(REPO / "recipes" / "cauldron_r0.yaml", [f"output.path={tmp_path / 'out'}",
-                         "perturb={image_heavy: {misleading: 1.0}, facts_model: " + backend.name + "}"])
+    recipe = load_recipe(REPO / "recipes" / "cauldron_r0.yaml", [f"output.path={tmp_path / 'out'}", perturb])
     manifest = build(sample_store, recipe, progress=False).manifest
     with_model_facts = 0
     for row in pq.read_table(tmp_path / "out" / "parquet").to_pylist():

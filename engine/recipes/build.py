@@ -294,6 +294,10 @@ def _decide(con: duckdb.DuckDBPyConnection, recipe: Recipe, expected_rows: int) 
     corrupted = recipe.data.get("answers", "original") == "corrupted"
     replacement = "case when coalesce(f.corrupted, false) then f.replaced end" if corrupted else "NULL::VARCHAR"
     perturbation = perturbation_sql(recipe)
+    facts_model = (recipe.data.get("perturb") or {}).get("facts_model")
+    if facts_model and not con.execute("select count(*) from option_facts where model = ?", [facts_model]).fetchall()[0][0]:
+        raise recipe.error(("perturb", "facts_model"),
+                           f"the store has no facts from {facts_model!r}; run `engine facts --model {facts_model}` first")
     facts_join = "left join facts f using (sample_id)" if corrupted or recipe.data.get("perturb") else ""
     decisions = con.sql(
         f"""select p.pos, s.group_id, s.captioned,
