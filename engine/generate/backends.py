@@ -124,12 +124,12 @@ class TransformersBackend(Backend):
         too_long = {i: n + e for i, (n, e) in enumerate(zip(needed, extra)) if n + e > self.context_length}
         if too_long:
             raise PromptTooLong(too_long, self.context_length)
-        return inputs.to(self.device)
+        return inputs  # on the CPU: callers move what the model reads
 
     def generate(self, requests: list[Request], max_new_tokens: int = 96, min_new_tokens: int = 0) -> list[Generation]:
         import torch
 
-        inputs = self._inputs(requests, [max_new_tokens] * len(requests))
+        inputs = self._inputs(requests, [max_new_tokens] * len(requests)).to(self.device)
         start = time.perf_counter()
         with torch.no_grad():
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False)
@@ -150,7 +150,7 @@ class TransformersBackend(Backend):
         self.prepare_seconds += time.perf_counter() - start
         inputs = self._inputs(requests, [len(t) for t in target_ids])
         # append each target after its prompt, left-padded: [pad ... prompt target]
-        prompts, masks = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool()
+        prompts, masks = inputs["input_ids"], inputs["attention_mask"].bool()
         lengths = masks.sum(1).tolist()
         width = max(n + len(t) for n, t in zip(lengths, target_ids))
         keep = max(len(t) for t in target_ids) + 1  # only the last positions predict targets
@@ -160,7 +160,7 @@ class TransformersBackend(Backend):
         wanted = torch.zeros((len(requests), keep - 1), dtype=torch.long)  # the targets, aligned right
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         # other per-token inputs (Qwen2.5-VL's mm_token_type_ids, token_type_ids) move with their tokens; 0 = text
-        per_token = {k: v.cpu() for k, v in extra.items() if torch.is_tensor(v) and v.shape == prompts.shape}
+        per_token = {k: v for k, v in extra.items() if torch.is_tensor(v) and v.shape == prompts.shape}
         moved = {k: torch.zeros((len(requests), width), dtype=v.dtype) for k, v in per_token.items()}
         for row, (length, target) in enumerate(zip(lengths, target_ids)):
             tail = torch.tensor(target, dtype=prompts.dtype)
@@ -171,7 +171,7 @@ class TransformersBackend(Backend):
             wanted[row, keep - 1 - len(target) :] = tail
             for name, values in per_token.items():
                 moved[name][row, span] = values[row][masks[row]]
-        extra.update({k: v.to(self.device) for k, v in moved.items()})
+        extra = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in {**extra, **moved}.items()}
         if self.trims_logits:
             extra["logits_to_keep"] = keep
         start = time.perf_counter()
