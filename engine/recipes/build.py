@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from engine import __version__
 from engine.categories import categories
 from engine.hashing import hash_u64_sql, tier_threshold
-from engine.sql import sql_list, sql_literal
+from engine.sql import WhereError, check_filter, sql_list, sql_literal
 from engine.recipes.mixture import allocate, temperature_weights
 from engine.perturb.variants import (IMAGE_PERTURBATIONS, TEXT_PERTURBATIONS, misleading, replacement_image,
                                      subset_options, unrelated_facts, wrong_option)
@@ -73,9 +73,9 @@ def _connect(store: Store, recipe: Recipe) -> tuple[duckdb.DuckDBPyConnection, d
         raise recipe.error("facts", str(error).strip('"')) from None
     if recipe.where:
         try:
-            con.execute(f"select 1 from facts where ({recipe.where}) limit 0")
-        except duckdb.Error as error:
-            raise recipe.error("where", f"invalid SQL: {str(error).splitlines()[0]}") from None
+            check_filter(con, recipe.where)
+        except WhereError as error:
+            raise recipe.error("where", str(error)) from None
     unknown = set(recipe.mixture.get("category_budgets", {})) - set(categories())
     if unknown:
         raise recipe.error("mixture.category_budgets", f"unknown categories {sorted(unknown)}; known: {categories()}")
@@ -130,6 +130,10 @@ def _select(con: duckdb.DuckDBPyConnection, recipe: Recipe) -> dict:
     counts = con.execute(
         "select category, source, subset, count(*) from candidates where category is not null group by all order by all"
     ).fetchall()
+    if not counts:  # nothing to allocate: say which filter emptied it instead of failing further on
+        if recipe.where:
+            raise recipe.error("where", "matches no categorised row of the store (with the recipe's sources)")
+        raise BuildError("the recipe's sources match no categorised row of the store")
     budgets, quotas = plan_quotas(counts, recipe.mixture)
     con.execute(
         "create temp table quotas(category varchar, source varchar, subset varchar, quota bigint, available bigint, group_id int)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -17,6 +18,7 @@ import jsonschema
 import yaml
 
 from engine.paths import SCHEMAS_DIR
+from engine.sql import WhereError, check_expression
 
 
 class RecipeError(ValueError):
@@ -168,9 +170,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     """
     path = str(path)
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as error:
         raise RecipeError(path, "", f"cannot read the recipe ({error.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}", "", f"not UTF-8 text (byte 0x{raw[error.start]:02x}); save the recipe as UTF-8") from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -187,4 +194,38 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     if error is not None:
         key, message = _describe(error)
         raise recipe.error(key, message)
+    for key, value in _leaves(data):
+        if isinstance(value, float) and not math.isfinite(value):  # YAML's .nan / .inf pass "type: number"
+            raise recipe.error(key, f"expected a finite number, got {value!r}")
+    for key in SQL_KEYS:
+        expression = _get(data, key)
+        if expression is not None:
+            try:
+                check_expression(expression)
+            except WhereError as error:
+                raise recipe.error(key, str(error)) from None
     return recipe
+
+
+SQL_KEYS = (("where",), ("perturb", "task_kind"))
+"""Recipe keys that hold a SQL expression the build splices into its queries."""
+
+
+def _leaves(node, path: tuple = ()):
+    """``(key path, value)`` of every scalar in a parsed recipe."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, path + (key,))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _leaves(value, path + (index,))
+    else:
+        yield path, node
+
+
+def _get(data: dict, path: tuple):
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
