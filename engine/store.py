@@ -8,10 +8,13 @@ and exposes the tables to DuckDB, including the joined ``facts`` view recipes fi
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import re
 import secrets
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
@@ -27,6 +30,8 @@ from engine.paths import SCHEMAS_DIR, load_yaml  # noqa: E402
 from engine.sql import sql_literal  # noqa: E402
 
 DEFAULT_STORE = "data/store"
+KEEP_VERSIONS = dt.timedelta(hours=1)
+"""How long an old table version is kept after a newer one exists (see ``Store.compact``)."""
 
 _PRIMITIVES = {
     "string": pa.string(),
@@ -90,6 +95,7 @@ class TableSpec:
     schema: pa.Schema
     docs: dict[str, str]
     join: str | None
+    unique: tuple[str, ...] = ()
 
     @property
     def fact_columns(self) -> list[str]:
@@ -110,6 +116,7 @@ def table_specs() -> dict[str, TableSpec]:
             schema=pa.schema(fields),
             docs={c["name"]: c["doc"] for c in body["columns"]},
             join=body.get("join"),
+            unique=tuple(body.get("unique", ())),
         )
     seen: dict[str, str] = {c: "samples" for c in specs["samples"].schema.names}
     for spec in specs.values():
@@ -154,13 +161,32 @@ def conform(spec: TableSpec, data: pa.Table | pa.RecordBatch | list[dict]) -> pa
     return pa.Table.from_arrays(columns, schema=spec.schema)
 
 
+class StoreNotFound(LookupError):
+    """A read found no store at the given folder."""
+
+
+def committed(path: Path) -> bool:
+    """Whether a Lance table folder holds at least one committed version (a manifest)."""
+    versions = path / "_versions"
+    return versions.is_dir() and any(versions.glob("*.manifest"))
+
+
 class Store:
     """A folder of LanceDB tables described by ``schemas/store.yaml``."""
 
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, create: bool = True):
+        """Open the store at ``root``; ``create=False`` (read commands) refuses a folder that is not a
+        store instead of creating an empty one, so a mistyped ``--store`` is not answered with nothing."""
         self.root = Path(root or os.environ.get("ENGINE_STORE") or DEFAULT_STORE)
+        if not create:
+            if not self.root.is_dir():
+                raise StoreNotFound(f"no store at {self.root} (check --store / ENGINE_STORE); run `engine ingest` first to create one")
+            if not any(self.root.glob("*.lance")):
+                raise StoreNotFound(f"{self.root} holds no store tables (check --store / ENGINE_STORE); run `engine ingest` first")
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = lancedb.connect(str(self.root))
+        self._lock_depth, self._lock_file = 0, None
+        self._present: dict[Path, tuple[dict[int, str], set]] = {}  # see _drop_present
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -173,7 +199,9 @@ class Store:
             raise KeyError(f"the store has no table {name!r}; known tables: {sorted(table_specs())}") from None
 
     def has(self, name: str) -> bool:
-        return (self.root / f"{name}.lance").exists()
+        """Whether a table has at least one committed version (a folder a kill left during the table's
+        creation, with data files but no version, does not count: the next append recreates it)."""
+        return committed(self.root / f"{name}.lance")
 
     def table(self, name: str):
         """The LanceDB table, or ``None`` when no stage has written it yet."""
@@ -184,12 +212,66 @@ class Store:
         """Append rows as one Lance commit (all or nothing); returns the table's new version."""
         spec = self.spec(name)
         rows = conform(spec, data)
-        table = self.table(name)
-        if table is None:
-            table = self.db.create_table(name, rows, schema=spec.schema)
-        elif len(rows):
-            table.add(rows)
-        return table.version
+        path = self.root / f"{name}.lance"
+        with self.writing():
+            table = self.table(name)
+            if table is None:
+                if path.exists():  # created by a run killed before its first commit: nothing in it was committed
+                    shutil.rmtree(path)
+                table = self.db.create_table(name, rows, schema=spec.schema)
+            else:
+                rows = self._drop_present(spec, path, rows)
+                if len(rows):
+                    table.add(rows)
+            if spec.unique:  # note our own fragment now, while no one else can commit
+                self._drop_present(spec, path, rows.slice(0, 0))
+            return table.version
+
+    @contextmanager
+    def writing(self):
+        """Hold the store's write lock (``flock`` on ``.write-lock`` in the store folder): every append
+        and compaction of every process runs inside it, so two writers never race on a commit or on the
+        check of which rows are already present. Re-entrant within one ``Store``."""
+        if self._lock_depth == 0:
+            self._lock_file = open(self.root / ".write-lock", "a+")
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+                self._lock_file.close()
+                self._lock_file = None
+
+    def _drop_present(self, spec: TableSpec, path: Path, rows: pa.Table) -> pa.Table:
+        """``rows`` without those whose ``unique`` columns are already in the table (call under the lock).
+
+        A stage picks its work from the ids present when it starts; another process may have written
+        some of them since. The values already present are cached per fragment and only fragments this
+        ``Store`` has not seen are read, so a commit costs a read of what others wrote since the last
+        one. A fragment that disappears or gains deletions (compaction, a delete) resets the cache.
+        """
+        if not spec.unique:
+            return rows
+        import lance
+
+        dataset = lance.dataset(str(path))
+        fragments = {f.fragment_id: repr(f.metadata.deletion_file) for f in dataset.get_fragments()}
+        seen, present = self._present.get(path, ({}, set()))
+        if any(fragments.get(fid) != sig for fid, sig in seen.items()):
+            seen, present = {}, set()
+        new = [fid for fid in fragments if fid not in seen]
+        if new:
+            read = dataset.scanner(columns=list(spec.unique), fragments=[dataset.get_fragment(f) for f in new]).to_table()
+            present |= set(zip(*(read.column(c).to_pylist() for c in spec.unique)))
+        self._present[path] = (fragments, present)
+        if not len(rows) or not present:
+            return rows
+        keys = zip(*(rows.column(c).to_pylist() for c in spec.unique))
+        keep = [key not in present for key in keys]
+        return rows if all(keep) else rows.filter(pa.array(keep))
 
     def dataset(self, name: str, version: int | None = None):
         """The Lance dataset behind a table, at ``version`` (default: the current one)."""
@@ -210,11 +292,51 @@ class Store:
         con.register("sample_positions", ids.append_column("pos", pa.array(np.arange(len(ids), dtype=np.int64))))
         return dataset
 
-    def compact(self, name: str) -> None:
-        """Merge the small fragments many batch commits leave behind (a new version, same rows)."""
-        table = self.table(name)
-        if table is not None and len(table.to_lance().get_fragments()) > 1:
-            table.to_lance().optimize.compact_files()
+    def compact(self, name: str, keep: dt.timedelta | None = None) -> dict:
+        """Merge the small fragments many batch commits leave behind (a new version, same rows), then
+        delete the files only versions older than ``keep`` need.
+
+        Every commit is a version, and a version keeps its files until it is cleaned up: a stage that
+        commits a thousand times leaves a thousand versions and, after compaction, every row twice on
+        disk. Versions still kept: the newest, any younger than ``keep`` (default ``KEEP_VERSIONS``:
+        a reader that opened one a moment ago can finish), and every tagged one (``engine build`` tags
+        the versions a published manifest names, so the mixture stays reproducible).
+
+        Returns
+        -------
+        ``{"fragments": before -> after, "versions_removed": n, "bytes_removed": n}``.
+        """
+        if not self.has(name):
+            return {}
+        import lance
+
+        with self.writing():
+            dataset = lance.dataset(str(self.root / f"{name}.lance"))
+            before = len(dataset.get_fragments())
+            if before > 1:
+                dataset.optimize.compact_files()
+                dataset = lance.dataset(str(self.root / f"{name}.lance"))
+            stats = dataset.cleanup_old_versions(older_than=KEEP_VERSIONS if keep is None else keep,
+                                                 error_if_tagged_old_versions=False)
+        return {"fragments": f"{before} -> {len(dataset.get_fragments())}",
+                "versions_removed": stats.old_versions, "bytes_removed": stats.bytes_removed}
+
+    def compact_all(self, keep: dt.timedelta | None = None) -> dict[str, dict]:
+        """``compact`` every table of the store."""
+        return {name: self.compact(name, keep) for name in table_specs() if self.has(name)}
+
+    def tag_versions(self, tag: str, versions: dict[str, int]) -> None:
+        """Tag each table at a version (moving the tag if it exists), so ``compact`` keeps that version."""
+        import lance
+
+        with self.writing():
+            for name, version in versions.items():
+                if self.has(name):
+                    tags = lance.dataset(str(self.root / f"{name}.lance")).tags
+                    if tag in tags.list():
+                        tags.update(tag, version)
+                    else:
+                        tags.create(tag, version)
 
     def versions(self) -> dict[str, int]:
         """Current version of every table that exists."""
