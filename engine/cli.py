@@ -27,8 +27,15 @@ def main(ctx: click.Context, store_path: str) -> None:
     ctx.obj = store_path
 
 
-def _store(ctx: click.Context) -> Store:
-    return Store(ctx.obj)
+def _store(ctx: click.Context, create: bool = False) -> Store:
+    """The store of ``--store``. Only writing commands that start a store (``ingest``) create it: any
+    other command on a folder that is not a store fails, rather than answering from an empty one."""
+    from engine.store import StoreNotFound
+
+    try:
+        return Store(ctx.obj, create=create)
+    except StoreNotFound as error:
+        raise Fail(str(error)) from None
 
 
 def _where_flag(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -59,7 +66,7 @@ def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, quiet):
     from engine.ingest import ingest as run_ingest
     from engine.ingest import ingest_sample, resolve_source
 
-    store = _store(ctx)
+    store = _store(ctx, create=True)
     try:
         if source == "sample":
             report = ingest_sample(store, sample_dir, progress=not quiet)
@@ -305,7 +312,7 @@ def eval_command(ctx, model, backend, device, where, dataset, limit, corruptions
                         seeds=tuple(int(s) for s in split(seeds)), interference=split(interference),
                         interference_on=interference_on, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         prompt_suffix=prompt_suffix)
-    items = load_items(_store(ctx), where, dataset, limit)
+    items = load_items(None if dataset else _store(ctx), where, dataset, limit)  # --dataset reads no store
     if not items:
         raise Fail(f"no evaluation rows: nothing matches {where!r}" if not dataset else f"{dataset} holds no rows")
     from engine.evaluate.run import format_report
@@ -376,6 +383,32 @@ def export(mixture, fmt, out, push):
     except ExportError as error:
         raise Fail(str(error)) from None
     click.echo(f"exported {mixture} as {fmt} -> {path}")
+
+
+@main.group(name="store")
+def store_group() -> None:
+    """Maintain the store folder."""
+
+
+@store_group.command(name="compact")
+@click.option("--keep-hours", type=float, default=None,
+              help="keep old table versions younger than this (default 1; 0 keeps only the newest and tagged ones)")
+@click.pass_context
+def store_compact(ctx, keep_hours):
+    """Merge small fragments and delete old table versions (the newest, recent and tagged ones stay:
+    `engine build` tags the versions a published mixture was built from)."""
+    import datetime as dt
+
+    store = _store(ctx)
+    before = _folder_bytes(store.root)
+    keep = None if keep_hours is None else dt.timedelta(hours=keep_hours)
+    for name, stats in store.compact_all(keep).items():
+        click.echo(f"  {name:<14} fragments {stats['fragments']:<10} {stats['versions_removed']:>6} old versions removed")
+    click.echo(f"{store.root}: {before / 1e6:.1f} MB -> {_folder_bytes(store.root) / 1e6:.1f} MB")
+
+
+def _folder_bytes(root) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
 if __name__ == "__main__":

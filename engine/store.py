@@ -356,7 +356,7 @@ class Store:
 
     # -- runs ----------------------------------------------------------------------------------------
     def record_run(self, run_id: str, stage: str, config: dict, started: dt.datetime, rows: int) -> None:
-        """Append the bookkeeping row of a finished run."""
+        """Append the bookkeeping row of a finished run, then ``compact_all`` (see ``compact``)."""
         self.append(
             "runs",
             [
@@ -371,6 +371,8 @@ class Store:
                 }
             ],
         )
+        # a stage's many small commits end here: merge them and drop the versions no one can need
+        self.compact_all()
 
     # -- SQL -----------------------------------------------------------------------------------------
     def connect(self, pins: dict[str, dict] | None = None) -> tuple[duckdb.DuckDBPyConnection, dict[str, int]]:

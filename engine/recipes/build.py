@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ from engine.sql import WhereError, check_filter, sql_list, sql_literal
 from engine.recipes.mixture import allocate, temperature_weights
 from engine.perturb.variants import (IMAGE_PERTURBATIONS, TEXT_PERTURBATIONS, misleading, replacement_image,
                                      subset_options, unrelated_facts, wrong_option)
-from engine.recipes.output import HF_IMAGE, MIXTURE_SCHEMA, TURN, MixtureWriter, publish
+from engine.recipes.output import (HF_IMAGE, MIXTURE_SCHEMA, TURN, MixtureWriter, OutputRefused, check_output_path,
+                                   clean_stale, publish, temp_folder)
 from engine.recipes.recipe import Recipe, RecipeError
 from engine.store import Store, package_versions
 
@@ -457,8 +457,13 @@ def build(store: Store, recipe: Recipe, progress: bool = True) -> BuildResult:
         raise BuildError(f"the store {store.root} has no samples; run `engine ingest` first")
     dataset = store.positioned(con, versions["samples"])
     final = Path(recipe.output["path"])
+    try:
+        check_output_path(final, store.root)
+    except OutputRefused as error:
+        raise recipe.error(("output", "path"), str(error)) from None
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    clean_stale(final)
+    tmp = temp_folder(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -499,12 +504,18 @@ def build(store: Store, recipe: Recipe, progress: bool = True) -> BuildResult:
         }
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
         (tmp / "manifest.json").write_text(text)
+        try:  # again: something may have been put there while we built
+            check_output_path(final, store.root)
+        except OutputRefused as error:
+            raise recipe.error(("output", "path"), str(error)) from None
         publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         con.close()
+    # keep the store versions this mixture was built from through `engine store compact`
+    store.tag_versions(f"mixture-{recipe.name}-{hashlib.sha256(str(final.resolve()).encode()).hexdigest()[:8]}", versions)
     return BuildResult(final, manifest, hashlib.sha256(text.encode()).hexdigest())
 
 

@@ -12,7 +12,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
@@ -224,3 +226,85 @@ def publish(tmp: Path, final: Path) -> None:
     tmp.rename(final)
     if old.exists():
         shutil.rmtree(old)
+
+
+class OutputRefused(ValueError):
+    """``output.path`` names something a build must not replace; the message says what, in one line."""
+
+
+def check_output_path(final: Path, store_root: Path) -> None:
+    """Refuse to publish over anything but a mixture this engine wrote.
+
+    Publishing replaces the folder at ``final``, so it may only be: absent, an empty folder, or a folder
+    whose every file is ``manifest.json`` or one the manifest lists (a mixture this engine built, with
+    nothing added since). Never the store, a folder inside it, or a folder that contains it.
+
+    Raises
+    ------
+    OutputRefused
+    """
+    target, store = final.resolve(), store_root.resolve()
+    if target == store or target in store.parents:
+        raise OutputRefused(f"{final} {'is' if target == store else 'contains'} the store {store_root}; choose a folder of its own")
+    if store in target.parents:
+        raise OutputRefused(f"{final} is inside the store {store_root}; choose a folder outside it")
+    if not final.exists() and not final.is_symlink():
+        return
+    if not final.is_dir():
+        raise OutputRefused(f"{final} exists and is not a folder; a build publishes a folder there")
+    files = sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if not p.is_dir())
+    if not files:
+        return
+    try:
+        manifest = json.loads((final / "manifest.json").read_text())
+        listed = set(manifest["files"]) | {"manifest.json"}
+        manifest["recipe_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OutputRefused(f"{final} exists and is not a mixture this engine built (no readable manifest.json); "
+                            "choose another path, or remove it yourself") from None
+    foreign = [name for name in files if name not in listed]
+    if foreign:
+        raise OutputRefused(f"{final} holds files the mixture's manifest does not list (e.g. {foreign[0]}); "
+                            "a build would delete them: move them, or choose another path")
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+
+
+def temp_folder(final: Path) -> Path:
+    """Where a build writes before publishing: ``.{name}.tmp-{host}-{pid}`` next to ``final``."""
+    return final.parent / f".{final.name}.tmp-{_HOST}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale(final: Path) -> list[Path]:
+    """Remove the temp folders killed builds of ``final`` left behind; returns what was removed.
+
+    Only folders named as this engine names them (``temp_folder``, and ``publish``'s ``.old-`` folder)
+    whose process ran on this host and is gone are touched (a live or foreign build keeps its folder).
+    A stale ``.old-`` folder is a previously published mixture that a kill caught mid-swap: it is put
+    back when ``final`` is missing, and removed otherwise.
+    """
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(tmp|old)-(?:([A-Za-z0-9_.]+)-)?(\d+)")
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for path in sorted(final.parent.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if not match or not path.is_dir() or match.group(2) not in (None, _HOST) or _alive(int(match.group(3))):
+            continue
+        if match.group(1) == "old" and not final.exists():
+            path.rename(final)
+            continue
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed
