@@ -67,10 +67,11 @@ def test_perplexity_is_exp_of_mean_negative_log_likelihood():
     assert perplexity([math.log(0.5), math.log(0.125)]) == pytest.approx(4.0)  # exp((ln 2 + ln 8) / 2)
 
 
-def test_missing_model_fails_at_start_with_one_line(tmp_path):
-    result = CliRunner().invoke(main, ["--store", str(tmp_path / "s"), "caption", "--model", str(tmp_path / "nowhere")])
+def test_missing_model_fails_at_start_with_one_line(sample_store, tmp_path):
+    store = str(sample_store.root)  # a real store: a missing one is refused first (test_hardening_store)
+    result = CliRunner().invoke(main, ["--store", store, "caption", "--model", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "cannot load model" in result.output
-    result = CliRunner().invoke(main, ["--store", str(tmp_path / "s"), "caption", "--model", "no-such-model"])
+    result = CliRunner().invoke(main, ["--store", store, "caption", "--model", "no-such-model"])
     assert result.exit_code == 2 and "neither a local folder nor a hub id" in result.output
 
 
@@ -135,6 +136,7 @@ def test_a_model_whose_processor_needs_torchvision_fails_with_one_line(tiny_qwen
     try:
         import torchvision  # noqa: F401
     except ImportError:
+        Store(tmp_path / "s").append("runs", [])  # an (empty) store: a missing one is refused before the model
         result = CliRunner().invoke(main, ["--store", str(tmp_path / "s"), "caption", "--model", tiny_qwen])
         assert result.exit_code == 2 and result.output.count("\n") == 1 and "Torchvision" in result.output
     else:  # with torchvision the folder loads through the user path
@@ -385,6 +387,8 @@ def test_model_facts_are_cached_once_and_feed_misleading_descriptions(sample_sto
 def test_facts_cli_names_bad_sql_and_reports_counts(small_store, tiny_vlm):
     base = ["--store", str(small_store.root), "facts", "--model", tiny_vlm, "--quiet"]
     result = CliRunner().invoke(main, [*base, "--where", "nonsense (("])
+    assert result.exit_code == 2 and "--where: unbalanced '('" in result.output and result.output.count("\n") == 1
+    result = CliRunner().invoke(main, [*base, "--where", "nonsense = 1"])
     assert result.exit_code == 2 and "invalid SQL in where" in result.output and result.output.count("\n") == 1
     result = CliRunner().invoke(main, [*base, "--where", "true", "--per-option", "1"])
     assert result.exit_code == 0, result.output
