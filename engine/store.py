@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -185,7 +186,7 @@ class Store:
                 raise StoreNotFound(f"{self.root} holds no store tables (check --store / ENGINE_STORE); run `engine ingest` first")
         self.root.mkdir(parents=True, exist_ok=True)
         self.db = lancedb.connect(str(self.root))
-        self._lock_depth, self._lock_file = 0, None
+        self._lock_depth, self._lock_file, self._thread_lock = 0, None, threading.RLock()
         self._present: dict[Path, tuple[dict[int, str], set]] = {}  # see _drop_present
 
     def __repr__(self) -> str:
@@ -232,18 +233,19 @@ class Store:
         """Hold the store's write lock (``flock`` on ``.write-lock`` in the store folder): every append
         and compaction of every process runs inside it, so two writers never race on a commit or on the
         check of which rows are already present. Re-entrant within one ``Store``."""
-        if self._lock_depth == 0:
-            self._lock_file = open(self.root / ".write-lock", "a+")
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
-        self._lock_depth += 1
-        try:
-            yield
-        finally:
-            self._lock_depth -= 1
+        with self._thread_lock:  # threads of one process (a stage's commit thread) take turns first
             if self._lock_depth == 0:
-                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-                self._lock_file.close()
-                self._lock_file = None
+                self._lock_file = open(self.root / ".write-lock", "a+")
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0:
+                    fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+                    self._lock_file.close()
+                    self._lock_file = None
 
     def _drop_present(self, spec: TableSpec, path: Path, rows: pa.Table) -> pa.Table:
         """``rows`` without those whose ``unique`` columns are already in the table (call under the lock).
