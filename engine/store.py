@@ -302,7 +302,9 @@ class Store:
         commits a thousand times leaves a thousand versions and, after compaction, every row twice on
         disk. Versions still kept: the newest, any younger than ``keep`` (default ``KEEP_VERSIONS``:
         a reader that opened one a moment ago can finish), and every tagged one (``engine build`` tags
-        the versions a published manifest names, so the mixture stays reproducible).
+        the versions a published manifest names, so the mixture stays reproducible). A recipe's
+        ``facts:`` pins name rows (a run, a model), not versions: tables are append-only, so the newest
+        version still holds them.
 
         Returns
         -------

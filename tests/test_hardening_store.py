@@ -237,3 +237,16 @@ def test_store_compact_removes_old_versions_but_keeps_a_published_mixtures(sampl
     assert pinned["captions"] in versions and len(versions) <= 3  # the tagged one, the compacted one and the newest
     assert sample_store.dataset("captions", pinned["captions"]).count_rows() == initial + 30
     assert sample_store.arrow("captions").num_rows == initial + 31
+
+
+def test_a_mixture_a_kill_caught_mid_swap_is_put_back(sample_store, tmp_path):
+    from engine.recipes.output import _HOST
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    mixture = tmp_path / "mix"
+    assert cli(sample_store.root, "build", str(recipe_file(tmp_path, mixture))).exit_code == 0
+    manifest = (mixture / "manifest.json").read_text()
+    mixture.rename(tmp_path / f".mix.old-{_HOST}-{dead_pid}")  # killed between publish's two renames
+    from engine.recipes.output import clean_stale
+
+    assert clean_stale(mixture) == [] and (mixture / "manifest.json").read_text() == manifest

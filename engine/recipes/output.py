@@ -39,6 +39,7 @@ MIXTURE_COLUMNS = [
     ("origin_id", pa.string()),  # a perturbed variant: the sample it was made from
     ("perturbation", pa.string()),  # a perturbed variant: which perturbation
 ]
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())  # in temp folder names: whose build it was
 CHUNK_ROWS = 65536  # every write is this many rows (the last one fewer), so files never depend on input batching
 
 
@@ -220,7 +221,7 @@ class MixtureWriter:
 
 def publish(tmp: Path, final: Path) -> None:
     """Swap a finished temp folder into place; the old folder (if any) is removed only afterwards."""
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    old = final.parent / f".{final.name}.old-{_HOST}-{os.getpid()}"
     if final.exists():
         final.rename(old)
     tmp.rename(final)
@@ -267,8 +268,6 @@ def check_output_path(final: Path, store_root: Path) -> None:
         raise OutputRefused(f"{final} holds files the mixture's manifest does not list (e.g. {foreign[0]}); "
                             "a build would delete them: move them, or choose another path")
 
-
-_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
 
 
 def temp_folder(final: Path) -> Path:
