@@ -91,6 +91,14 @@ def test_every_where_flag_is_checked_before_anything_runs(sample_store, tmp_path
     assert not (tmp_path / "PWNED.csv").exists()
 
 
+def test_a_recipe_where_cannot_read_other_files(sample_store, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("x")
+    text = RECIPE.replace('"split = \'train\'"', f"\"exists (from read_text('{secret}'))\"")
+    result = cli(sample_store.root, "build", str(recipe_file(tmp_path, tmp_path / "out", text)))
+    assert result.exit_code == 2 and "where: invalid SQL: Permission Error" in result.output
+
+
 def test_a_recipe_where_must_be_boolean(sample_store, tmp_path):
     path = recipe_file(tmp_path, tmp_path / "out", RECIPE.replace("split = 'train'", "label"))
     result = cli(sample_store.root, "build", str(path))

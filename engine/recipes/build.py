@@ -71,6 +71,8 @@ def _connect(store: Store, recipe: Recipe) -> tuple[duckdb.DuckDBPyConnection, d
         con, versions = store.connect(pins=recipe.data.get("facts"))
     except KeyError as error:
         raise recipe.error("facts", str(error).strip('"')) from None
+    # a recipe's SQL sees the store's tables only: no other files, ATTACH or extensions
+    con.execute("set enable_external_access = false")
     if recipe.where:
         try:
             check_filter(con, recipe.where)
