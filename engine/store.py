@@ -20,13 +20,10 @@ from pathlib import Path
 os.environ.setdefault("LANCE_LOG", "error")  # lance logs a WARN on every table creation otherwise
 
 import duckdb  # noqa: E402
-import lancedb  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from engine.paths import SCHEMAS_DIR, load_yaml  # noqa: E402
+from engine.paths import DEFAULT_STORE, SCHEMAS_DIR, load_yaml  # noqa: E402,F401
 from engine.sql import sql_literal  # noqa: E402
-
-DEFAULT_STORE = "data/store"
 
 _PRIMITIVES = {
     "string": pa.string(),
@@ -160,7 +157,17 @@ class Store:
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root or os.environ.get("ENGINE_STORE") or DEFAULT_STORE)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.db = lancedb.connect(str(self.root))
+        self._db = None
+
+    @property
+    def db(self):
+        """The LanceDB connection, opened on first use: importing lancedb costs over a second, and reads
+        (``connect``, ``dataset``, ``arrow``) go through ``lance`` directly."""
+        if self._db is None:
+            import lancedb
+
+            self._db = lancedb.connect(str(self.root))
+        return self._db
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -218,15 +225,14 @@ class Store:
 
     def versions(self) -> dict[str, int]:
         """Current version of every table that exists."""
-        return {name: self.db.open_table(name).version for name in table_specs() if self.has(name)}
+        return {name: self.dataset(name).version for name in table_specs() if self.has(name)}
 
     def arrow(self, name: str, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
         """Read a table (or an empty one with its schema) as Arrow."""
-        table = self.table(name)
-        if table is None:
+        if not self.has(name):
             schema = self.spec(name).schema
             return schema.empty_table().select(columns) if columns else schema.empty_table()
-        return table.to_lance().to_table(columns=columns, filter=filter)
+        return self.dataset(name).to_table(columns=columns, filter=filter)
 
     def ids(self, name: str, filter: str | None = None) -> set[str]:
         """The sample ids already present in a table (optionally under a Lance SQL filter)."""
