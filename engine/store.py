@@ -8,6 +8,7 @@ and exposes the tables to DuckDB, including the joined ``facts`` view recipes fi
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -54,7 +55,7 @@ def parse_type(text: str) -> pa.DataType:
 
     def parse() -> pa.DataType:
         name = take()
-        if name == "list":
+        if name in ("list", "vector"):  # a vector is a list whose width each partition fixes (TableSpec.vectors)
             take("<")
             inner = parse()
             take(">")
@@ -87,6 +88,13 @@ class TableSpec:
     schema: pa.Schema
     docs: dict[str, str]
     join: str | None
+    partition: tuple[str, ...] = ()
+    vectors: tuple[str, ...] = ()
+
+    def physical_schema(self, widths: dict[str, int]) -> pa.Schema:
+        """The schema of one partition: each vector column a fixed-size list of its width."""
+        return pa.schema([pa.field(f.name, pa.list_(f.type.value_type, widths[f.name])) if f.name in self.vectors else f
+                          for f in self.schema])
 
     @property
     def fact_columns(self) -> list[str]:
@@ -107,6 +115,8 @@ def table_specs() -> dict[str, TableSpec]:
             schema=pa.schema(fields),
             docs={c["name"]: c["doc"] for c in body["columns"]},
             join=body.get("join"),
+            partition=tuple(body.get("partition", ())),
+            vectors=tuple(c["name"] for c in body["columns"] if c["type"].startswith("vector<")),
         )
     seen: dict[str, str] = {c: "samples" for c in specs["samples"].schema.names}
     for spec in specs.values():
@@ -116,6 +126,21 @@ def table_specs() -> dict[str, TableSpec]:
                     raise ValueError(f"schemas/store.yaml: column {column!r} of {spec.name} clashes with {seen[column]}")
                 seen[column] = spec.name
     return specs
+
+
+_DUCKDB_LISTS = {pa.float32(): "float[]", pa.float64(): "double[]"}
+
+
+def partition_table_name(spec: TableSpec, key: dict) -> str:
+    """The Lance table holding one partition of ``spec`` (e.g. one model's text embeddings):
+    ``{values}-{8 hex of their SHA-256}``, the values made safe for a table name and the hash keeping two
+    values that read alike (``a/b``, ``a_b``) apart."""
+    missing = [c for c in spec.partition if key.get(c) is None]
+    if missing:
+        raise KeyError(f"table {spec.name} is stored per {', '.join(spec.partition)}: name {', '.join(missing)}")
+    values = [str(key[c]) for c in spec.partition]
+    slug = "-".join(re.sub(r"[^A-Za-z0-9_.-]+", "_", v) for v in values)
+    return f"{slug}-{hashlib.sha256(chr(0).join(values).encode()).hexdigest()[:8]}"
 
 
 def new_run_id(stage: str) -> str:
@@ -179,18 +204,48 @@ class Store:
         except KeyError:
             raise KeyError(f"the store has no table {name!r}; known tables: {sorted(table_specs())}") from None
 
-    def has(self, name: str) -> bool:
-        return (self.root / f"{name}.lance").exists()
+    def _path(self, name: str, key: dict) -> Path:
+        """The Lance folder of a table, or of one partition of a partitioned table."""
+        spec = self.spec(name)
+        if spec.partition:
+            return self.root / name / f"{partition_table_name(spec, key)}.lance"
+        if key:
+            raise KeyError(f"table {name} is not partitioned; it takes no {sorted(key)}")
+        return self.root / f"{name}.lance"
 
-    def table(self, name: str):
-        """The LanceDB table, or ``None`` when no stage has written it yet."""
+    def partitions(self, name: str) -> list[Path]:
+        """The Lance folders of a partitioned table's partitions, in name order."""
         self.spec(name)
-        return self.db.open_table(name) if self.has(name) else None
+        return sorted((self.root / name).glob("*.lance"))
+
+    def has(self, name: str, **key) -> bool:
+        """Whether a table (or, given its partition ``key``, that partition) has been written; a partitioned
+        table without a key: whether any partition has."""
+        if self.spec(name).partition and not key:
+            return bool(self.partitions(name))
+        return self._path(name, key).exists()
+
+    def _db_for(self, name: str):
+        """The LanceDB connection holding a table: the store's, or the folder of a partitioned table's."""
+        if not self.spec(name).partition:
+            return self.db
+        import lancedb
+
+        return lancedb.connect(str(self.root / name))
+
+    def table(self, name: str, **key):
+        """The LanceDB table (for a partitioned table: the partition ``key`` names, e.g.
+        ``table("embeddings", modality="text", model=M)``), or ``None`` when no stage has written it yet."""
+        path = self._path(name, key)
+        return self._db_for(name).open_table(path.name[: -len(".lance")]) if path.exists() else None
 
     def append(self, name: str, data: pa.Table | pa.RecordBatch | list[dict]) -> int:
-        """Append rows as one Lance commit (all or nothing); returns the table's new version."""
+        """Append rows as one Lance commit (all or nothing); returns the table's new version. Rows of a
+        partitioned table must all belong to one partition."""
         spec = self.spec(name)
         rows = conform(spec, data)
+        if spec.partition:
+            return self._write_partition(spec, rows, overwrite=False)
         table = self.table(name)
         if table is None:
             table = self.db.create_table(name, rows, schema=spec.schema)
@@ -198,13 +253,52 @@ class Store:
             table.add(rows)
         return table.version
 
-    def dataset(self, name: str, version: int | None = None):
-        """The Lance dataset behind a table, at ``version`` (default: the current one)."""
+    def overwrite(self, name: str, data: pa.Table | pa.RecordBatch | list[dict]) -> int:
+        """Replace one partition of a partitioned table with ``data`` in one Lance commit (readers see
+        the old rows or the new ones, never a mix); returns the partition's new version."""
+        spec = self.spec(name)
+        if not spec.partition:
+            raise ValueError(f"table {name} is append-only; only a partitioned table's partition can be replaced")
+        return self._write_partition(spec, conform(spec, data), overwrite=True)
+
+    def _write_partition(self, spec: TableSpec, rows: pa.Table, overwrite: bool) -> int:
+        import pyarrow.compute as pc
+
+        key = {}
+        for column in spec.partition:
+            values = pc.unique(rows.column(column)).to_pylist()
+            if len(values) != 1:
+                raise ValueError(f"table {spec.name}: one write holds one {column}, got {values[:5]}")
+            key[column] = values[0]
+        widths = {}
+        for column in spec.vectors:
+            lengths = pc.unique(pc.list_value_length(rows.column(column))).to_pylist()
+            if len(lengths) != 1 or lengths[0] is None:
+                raise ValueError(f"table {spec.name} {key}: every {column} must have one width, got {lengths[:5]}")
+            widths[column] = lengths[0]
+        schema = spec.physical_schema(widths)
+        rows = rows.cast(schema)
+        table = self.table(spec.name, **key)
+        if table is not None and not overwrite:
+            if table.schema != schema:
+                raise ValueError(f"table {spec.name} {key} holds {table.schema.field(spec.vectors[0]).type}, "
+                                 f"not {schema.field(spec.vectors[0]).type}")
+            if len(rows):
+                table.add(rows)
+            return table.version
+        (self.root / spec.name).mkdir(exist_ok=True)
+        name = self._path(spec.name, key).name[: -len(".lance")]
+        table = self._db_for(spec.name).create_table(name, rows, schema=schema, mode="overwrite" if overwrite else "create")
+        return table.version
+
+    def dataset(self, name: str, version: int | None = None, **key):
+        """The Lance dataset behind a table (or one partition), at ``version`` (default: the current one)."""
         import lance
 
-        if not self.has(name):
-            raise KeyError(f"the store {self.root} has no table {name!r} yet")
-        return lance.dataset(str(self.root / f"{name}.lance"), version=version)
+        path = self._path(name, key)
+        if not path.exists():
+            raise KeyError(f"the store {self.root} has no table {name!r}{f' {key}' if key else ''} yet")
+        return lance.dataset(str(path), version=version)
 
     def positioned(self, con: duckdb.DuckDBPyConnection, version: int | None = None):
         """Register ``sample_positions(sample_id, pos)``: each sample's row position in ``samples`` at a
@@ -217,22 +311,30 @@ class Store:
         con.register("sample_positions", ids.append_column("pos", pa.array(np.arange(len(ids), dtype=np.int64))))
         return dataset
 
-    def compact(self, name: str) -> None:
+    def compact(self, name: str, **key) -> None:
         """Merge the small fragments many batch commits leave behind (a new version, same rows)."""
-        table = self.table(name)
+        table = self.table(name, **key)
         if table is not None and len(table.to_lance().get_fragments()) > 1:
             table.to_lance().optimize.compact_files()
 
     def versions(self) -> dict[str, int]:
         """Current version of every table that exists."""
-        return {name: self.dataset(name).version for name in table_specs() if self.has(name)}
+        return {name: self.dataset(name).version for name, spec in table_specs().items()
+                if not spec.partition and self.has(name)}
 
-    def arrow(self, name: str, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
-        """Read a table (or an empty one with its schema) as Arrow."""
-        if not self.has(name):
-            schema = self.spec(name).schema
-            return schema.empty_table().select(columns) if columns else schema.empty_table()
-        return self.dataset(name).to_table(columns=columns, filter=filter)
+    def arrow(self, name: str, columns: list[str] | None = None, filter: str | None = None, **key) -> pa.Table:
+        """Read a table (or an empty one with its schema) as Arrow. A partitioned table is read whole
+        (every partition, vectors as variable-length lists), or one partition when ``key`` names it."""
+        spec = self.spec(name)
+        empty = spec.schema.empty_table().select(columns) if columns else spec.schema.empty_table()
+        if not self.has(name, **key):
+            return empty
+        if spec.partition and not key:
+            import lance
+
+            parts = [lance.dataset(str(p)).to_table(columns=columns, filter=filter) for p in self.partitions(name)]
+            return pa.concat_tables([part.cast(empty.schema) for part in parts])
+        return self.dataset(name, **key).to_table(columns=columns, filter=filter)
 
     def ids(self, name: str, filter: str | None = None) -> set[str]:
         """The sample ids already present in a table (optionally under a Lance SQL filter)."""
@@ -273,16 +375,51 @@ class Store:
         The connection and the table versions it reads.
         """
         con = duckdb.connect()
+        return con, self.register(con, pins)
+
+    def register(self, con: duckdb.DuckDBPyConnection, pins: dict[str, dict] | None = None) -> dict[str, int]:
+        """Make every table of the store a view of ``con`` and define ``facts`` (see ``connect``; ``attach``
+        does this for a connection of the user's own). Returns the versions read."""
         versions = {}
         for name, spec in table_specs().items():
-            if self.has(name):
+            if spec.partition:  # one view over all partitions, vectors read as lists (their widths differ)
+                import lance
+
+                columns = ", ".join(f"{c}::{_DUCKDB_LISTS[spec.schema.field(c).type.value_type]} as {c}" if c in spec.vectors
+                                    else c for c in spec.schema.names)
+                parts = []
+                for i, path in enumerate(self.partitions(name)):
+                    con.register(f"_{name}_{i}", lance.dataset(str(path)))
+                    parts.append(f"select {columns} from _{name}_{i}")
+                if parts:
+                    con.execute(f"create or replace temp view {name} as " + " union all ".join(parts))
+                else:
+                    con.register(name, spec.schema.empty_table())
+            elif self.has(name):
                 dataset = self.dataset(name)
                 con.register(name, dataset)
                 versions[name] = dataset.version
             else:
                 con.register(name, spec.schema.empty_table())
         con.execute(facts_view_sql(pins or {}))
-        return con, versions
+        return versions
+
+
+def attach(con: duckdb.DuckDBPyConnection, store: str | os.PathLike | Store, pins: dict[str, dict] | None = None) -> dict[str, int]:
+    """Make a store readable from your own DuckDB connection: each table becomes a view of the same name
+    and ``facts`` joins them as ``engine query`` does.
+
+    Examples
+    --------
+    >>> con = duckdb.connect()
+    >>> attach(con, "data/store")
+    >>> con.sql("select category, avg(u_v) from facts group by 1").show()
+
+    Returns
+    -------
+    The version of each table the views read (they stay at it: attach again to see later commits).
+    """
+    return (store if isinstance(store, Store) else Store(store)).register(con, pins)
 
 
 def facts_view_sql(pins: dict[str, dict]) -> str:
@@ -307,4 +444,4 @@ def facts_view_sql(pins: dict[str, dict]) -> str:
             f"qualify row_number() over (partition by sample_id order by run_id desc) = 1) as _{name} using (sample_id)"
         )
         selects.extend(f"_{name}.{c}" for c in spec.fact_columns)
-    return f"create or replace view facts as select {', '.join(selects)} from samples " + " ".join(joins)
+    return f"create or replace temp view facts as select {', '.join(selects)} from samples " + " ".join(joins)
