@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ EXAMPLES = {
                "engine ingest data/finevision --name finevision",
                "engine ingest HuggingFaceM4/the_cauldron --subset ai2d --subset chartqa"],
     "build": ["engine build recipes/cauldron_r50.yaml",
+              "engine build cauldron_r50          # a shipped recipe by name (also from a wheel install)",
               "engine build recipes/cauldron_r50.yaml --set mixture.budget=2000 --set output.path=data/mixtures/small",
               "engine build recipes/easy_vqa_mi_gate.yaml --quiet"],
     "query": ["engine query \"select category, count(*) from samples group by 1\"",
@@ -125,6 +127,10 @@ def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, quiet):
             report = run_ingest(store, resolve_source(source, name, list(subsets) or None, split), batch_rows, progress=not quiet)
     except (FileNotFoundError, ValueError) as error:
         raise Fail(str(error)) from None
+    except ModuleNotFoundError as error:
+        if error.name != "easy_vqa":
+            raise
+        raise Fail("`engine ingest easy_vqa` needs the easy-vqa package: pip install \"engine[easyvqa]\"") from None
     click.echo(f"{report.written} rows written, {report.rejected} rejected, {report.skipped} already present "
                f"(run {report.run_id}, store {store.root})")
     for reason, count in sorted(report.reasons.items()):
@@ -381,8 +387,13 @@ def eval_command(ctx, model, backend, device, where, dataset, limit, corruptions
 @click.pass_context
 def build(ctx, recipe, overrides, quiet):
     """Build the mixture a RECIPE describes and publish it (Parquet, HF dataset, manifest.json)."""
+    from engine.paths import RECIPES_DIR
     from engine.recipes import BuildError, RecipeError, load_recipe
     from engine.recipes import build as run_build
+
+    shipped = RECIPES_DIR / f"{recipe}.yaml"
+    if not os.path.exists(recipe) and os.sep not in recipe and shipped.exists():  # a shipped recipe by name
+        recipe = str(shipped)
 
     try:
         loaded = load_recipe(recipe, overrides)
