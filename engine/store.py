@@ -288,7 +288,7 @@ class Store:
             return table.version
         (self.root / spec.name).mkdir(exist_ok=True)
         name = self._path(spec.name, key).name[: -len(".lance")]
-        table = self._db_for(spec.name).create_table(name, rows, schema=schema, mode="overwrite" if overwrite else "create")
+        table = self._db_for(spec.name).create_table(name, rows, schema=schema, mode="overwrite" if table is not None else "create")
         return table.version
 
     def dataset(self, name: str, version: int | None = None, **key):
