@@ -389,8 +389,10 @@ class Store:
                                     else c for c in spec.schema.names)
                 parts = []
                 for i, path in enumerate(self.partitions(name)):
-                    con.register(f"_{name}_{i}", lance.dataset(str(path)))
+                    dataset = lance.dataset(str(path))
+                    con.register(f"_{name}_{i}", dataset)
                     parts.append(f"select {columns} from _{name}_{i}")
+                    versions[f"{name}/{path.name[: -len('.lance')]}"] = dataset.version
                 if parts:
                     con.execute(f"create or replace temp view {name} as " + " union all ".join(parts))
                 else:
