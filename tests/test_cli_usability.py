@@ -94,6 +94,16 @@ def test_a_shipped_recipe_builds_by_name(sample_store, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["recipe"]["name"] == "cauldron_r0"
 
 
+def test_a_missing_extra_is_named(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "easy_vqa", None)  # as if the easyvqa extra were not installed
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    monkeypatch.setitem(sys.modules, "skimage.feature", None)
+    ingest = CliRunner().invoke(main, ["--store", str(tmp_path / "store"), "ingest", "easy_vqa", "--quiet"])
+    assert ingest.exit_code == 2 and 'pip install "engine[easyvqa]"' in ingest.output
+    embed = CliRunner().invoke(main, ["--store", str(tmp_path / "store"), "embed", "--model", "classical", "--modality", "image"])
+    assert embed.exit_code == 2 and 'pip install "engine[classical]"' in embed.output
+
+
 def test_wheel_carries_recipes_and_schemas(tmp_path):
     """A non-editable install works: the wheel holds every file of recipes/ and schemas/, where engine.paths
     finds them."""

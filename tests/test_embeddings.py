@@ -101,6 +101,9 @@ def test_attach_gives_your_own_duckdb_connection_the_store_and_facts(sample_stor
     assert con.execute("select count(*) from facts where corrupted is null and u_v is null").fetchall() == [(380,)]
     assert con.execute("select count(*) from embeddings").fetchall() == [(0,)]
     con.close()
+    with pytest.raises(FileNotFoundError, match="not a store"):
+        attach(duckdb.connect(), tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()
     reopened = duckdb.connect(str(mine))  # the views were temporary: nothing of the store was written into it
     assert [r[0] for r in reopened.sql("select table_name from information_schema.tables").fetchall()] == ["notes"]
 
