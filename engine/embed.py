@@ -86,7 +86,7 @@ class SentenceTransformerEncoder(Encoder):
         self.model.eval()
 
     def encode(self, items: list, modality: str) -> np.ndarray:
-        vectors = self.model.encode(items, batch_size=max(len(items), 1), convert_to_numpy=True, show_progress_bar=False)
+        vectors = self.model.encode(items, batch_size=64, convert_to_numpy=True, show_progress_bar=False)
         return _normalise(vectors)
 
 
