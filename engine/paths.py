@@ -1,15 +1,25 @@
-"""Where the project's data files live: ``schemas/`` (table and recipe schemas) and ``recipes/``."""
+"""Where the project's data files live: ``schemas/`` (table and recipe schemas) and ``recipes/``.
+
+A checkout (and an editable install) reads them where they are, at the top of the repository. A wheel
+carries copies of the same two folders inside the package, as ``engine/_data/`` (``setup.py`` copies them
+at build time), so there is one source of truth and ``pip install .`` works without a checkout.
+"""
 
 from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SCHEMAS_DIR = REPO_ROOT / "schemas"
-RECIPES_DIR = REPO_ROOT / "recipes"
+DEFAULT_STORE = "data/store"
 
-if not (SCHEMAS_DIR / "store.yaml").exists():  # a wheel install would leave the data files behind
-    raise ImportError(f"engine: {SCHEMAS_DIR} is missing; install the project with `pip install -e .` from its checkout")
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+_PACKAGED = PACKAGE_DIR / "_data"
+DATA_ROOT = _PACKAGED if (_PACKAGED / "schemas" / "store.yaml").exists() else REPO_ROOT
+SCHEMAS_DIR = DATA_ROOT / "schemas"
+RECIPES_DIR = DATA_ROOT / "recipes"
+
+if not (SCHEMAS_DIR / "store.yaml").exists():
+    raise ImportError(f"engine: {SCHEMAS_DIR} is missing; install the project with `pip install .` from its checkout")
 
 
 def load_yaml(path: Path):

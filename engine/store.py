@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -24,13 +25,11 @@ from pathlib import Path
 os.environ.setdefault("LANCE_LOG", "error")  # lance logs a WARN on every table creation otherwise
 
 import duckdb  # noqa: E402
-import lancedb  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from engine.paths import SCHEMAS_DIR, load_yaml  # noqa: E402
+from engine.paths import DEFAULT_STORE, SCHEMAS_DIR, load_yaml  # noqa: E402,F401
 from engine.sql import sql_literal  # noqa: E402
 
-DEFAULT_STORE = "data/store"
 KEEP_VERSIONS = dt.timedelta(hours=1)
 """How long an old table version is kept after a newer one exists (see ``Store.compact``)."""
 
@@ -63,7 +62,7 @@ def parse_type(text: str) -> pa.DataType:
 
     def parse() -> pa.DataType:
         name = take()
-        if name == "list":
+        if name in ("list", "vector"):  # a vector is a list whose width each partition fixes (TableSpec.vectors)
             take("<")
             inner = parse()
             take(">")
@@ -97,6 +96,13 @@ class TableSpec:
     docs: dict[str, str]
     join: str | None
     unique: tuple[str, ...] = ()
+    partition: tuple[str, ...] = ()
+    vectors: tuple[str, ...] = ()
+
+    def physical_schema(self, widths: dict[str, int]) -> pa.Schema:
+        """The schema of one partition: each vector column a fixed-size list of its width."""
+        return pa.schema([pa.field(f.name, pa.list_(f.type.value_type, widths[f.name])) if f.name in self.vectors else f
+                          for f in self.schema])
 
     @property
     def fact_columns(self) -> list[str]:
@@ -118,6 +124,8 @@ def table_specs() -> dict[str, TableSpec]:
             docs={c["name"]: c["doc"] for c in body["columns"]},
             join=body.get("join"),
             unique=tuple(body.get("unique", ())),
+            partition=tuple(body.get("partition", ())),
+            vectors=tuple(c["name"] for c in body["columns"] if c["type"].startswith("vector<")),
         )
     seen: dict[str, str] = {c: "samples" for c in specs["samples"].schema.names}
     for spec in specs.values():
@@ -127,6 +135,21 @@ def table_specs() -> dict[str, TableSpec]:
                     raise ValueError(f"schemas/store.yaml: column {column!r} of {spec.name} clashes with {seen[column]}")
                 seen[column] = spec.name
     return specs
+
+
+_DUCKDB_LISTS = {pa.float32(): "float[]", pa.float64(): "double[]"}
+
+
+def partition_table_name(spec: TableSpec, key: dict) -> str:
+    """The Lance table holding one partition of ``spec`` (e.g. one model's text embeddings):
+    ``{values}-{8 hex of their SHA-256}``, the values made safe for a table name and the hash keeping two
+    values that read alike (``a/b``, ``a_b``) apart."""
+    missing = [c for c in spec.partition if key.get(c) is None]
+    if missing:
+        raise KeyError(f"table {spec.name} is stored per {', '.join(spec.partition)}: name {', '.join(missing)}")
+    values = [str(key[c]) for c in spec.partition]
+    slug = "-".join(re.sub(r"[^A-Za-z0-9_.-]+", "_", v) for v in values)
+    return f"{slug}-{hashlib.sha256(chr(0).join(values).encode()).hexdigest()[:8]}"
 
 
 def new_run_id(stage: str) -> str:
@@ -185,9 +208,19 @@ class Store:
             if not any(self.root.glob("*.lance")):
                 raise StoreNotFound(f"{self.root} holds no store tables (check --store / ENGINE_STORE); run `engine ingest` first")
         self.root.mkdir(parents=True, exist_ok=True)
-        self.db = lancedb.connect(str(self.root))
+        self._db = None
         self._lock_depth, self._lock_file, self._thread_lock = 0, None, threading.RLock()
         self._present: dict[Path, tuple[dict[int, str], set]] = {}  # see _drop_present
+
+    @property
+    def db(self):
+        """The LanceDB connection, opened on first use: importing lancedb costs over a second, and reads
+        (``connect``, ``dataset``, ``arrow``) go through ``lance`` directly."""
+        if self._db is None:
+            import lancedb
+
+            self._db = lancedb.connect(str(self.root))
+        return self._db
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -199,22 +232,51 @@ class Store:
         except KeyError:
             raise KeyError(f"the store has no table {name!r}; known tables: {sorted(table_specs())}") from None
 
-    def has(self, name: str) -> bool:
-        """Whether a table has at least one committed version (a folder a kill left during the table's
-        creation, with data files but no version, does not count: the next append recreates it)."""
-        return committed(self.root / f"{name}.lance")
+    def _path(self, name: str, key: dict) -> Path:
+        """The Lance folder of a table, or of one partition of a partitioned table."""
+        spec = self.spec(name)
+        if spec.partition:
+            return self.root / name / f"{partition_table_name(spec, key)}.lance"
+        if key:
+            raise KeyError(f"table {name} is not partitioned; it takes no {sorted(key)}")
+        return self.root / f"{name}.lance"
 
-    def table(self, name: str):
-        """The LanceDB table, or ``None`` when no stage has written it yet."""
+    def partitions(self, name: str) -> list[Path]:
+        """The Lance folders of a partitioned table's partitions, in name order."""
         self.spec(name)
-        return self.db.open_table(name) if self.has(name) else None
+        return sorted(p for p in (self.root / name).glob("*.lance") if committed(p))
+
+    def has(self, name: str, **key) -> bool:
+        """Whether a table (or, given its partition ``key``, that partition) has at least one committed
+        version; a partitioned table without a key: whether any partition has. A folder a kill left during
+        the table's creation, with data files but no version, does not count: the next write recreates it."""
+        if self.spec(name).partition and not key:
+            return bool(self.partitions(name))
+        return committed(self._path(name, key))
+
+    def _db_for(self, name: str):
+        """The LanceDB connection holding a table: the store's, or the folder of a partitioned table's."""
+        if not self.spec(name).partition:
+            return self.db
+        import lancedb
+
+        return lancedb.connect(str(self.root / name))
+
+    def table(self, name: str, **key):
+        """The LanceDB table (for a partitioned table: the partition ``key`` names, e.g.
+        ``table("embeddings", modality="text", model=M)``), or ``None`` when no stage has written it yet."""
+        path = self._path(name, key)
+        return self._db_for(name).open_table(path.name[: -len(".lance")]) if committed(path) else None
 
     def append(self, name: str, data: pa.Table | pa.RecordBatch | list[dict]) -> int:
-        """Append rows as one Lance commit (all or nothing); returns the table's new version."""
+        """Append rows as one Lance commit (all or nothing); returns the table's new version. Rows of a
+        partitioned table must all belong to one partition."""
         spec = self.spec(name)
         rows = conform(spec, data)
-        path = self.root / f"{name}.lance"
         with self.writing():
+            if spec.partition:
+                return self._write_partition(spec, rows, overwrite=False)
+            path = self._path(name, {})
             table = self.table(name)
             if table is None:
                 if path.exists():  # created by a run killed before its first commit: nothing in it was committed
@@ -275,13 +337,57 @@ class Store:
         keep = [key not in present for key in keys]
         return rows if all(keep) else rows.filter(pa.array(keep))
 
-    def dataset(self, name: str, version: int | None = None):
-        """The Lance dataset behind a table, at ``version`` (default: the current one)."""
+    def overwrite(self, name: str, data: pa.Table | pa.RecordBatch | list[dict]) -> int:
+        """Replace one partition of a partitioned table with ``data`` in one Lance commit (readers see
+        the old rows or the new ones, never a mix); returns the partition's new version."""
+        spec = self.spec(name)
+        if not spec.partition:
+            raise ValueError(f"table {name} is append-only; only a partitioned table's partition can be replaced")
+        with self.writing():
+            return self._write_partition(spec, conform(spec, data), overwrite=True)
+
+    def _write_partition(self, spec: TableSpec, rows: pa.Table, overwrite: bool) -> int:
+        import pyarrow.compute as pc
+
+        key = {}
+        for column in spec.partition:
+            values = pc.unique(rows.column(column)).to_pylist()
+            if len(values) != 1:
+                raise ValueError(f"table {spec.name}: one write holds one {column}, got {values[:5]}")
+            key[column] = values[0]
+        widths = {}
+        for column in spec.vectors:
+            lengths = pc.unique(pc.list_value_length(rows.column(column))).to_pylist()
+            if len(lengths) != 1 or lengths[0] is None:
+                raise ValueError(f"table {spec.name} {key}: every {column} must have one width, got {lengths[:5]}")
+            widths[column] = lengths[0]
+        schema = spec.physical_schema(widths)
+        rows = rows.cast(schema)
+        table = self.table(spec.name, **key)
+        path = self._path(spec.name, key)
+        if table is None and path.exists():  # created by a run killed before its first commit
+            shutil.rmtree(path)
+        if table is not None and not overwrite:
+            rows = self._drop_present(spec, path, rows)
+            if table.schema != schema:
+                raise ValueError(f"table {spec.name} {key} holds {table.schema.field(spec.vectors[0]).type}, "
+                                 f"not {schema.field(spec.vectors[0]).type}")
+            if len(rows):
+                table.add(rows)
+            return table.version
+        (self.root / spec.name).mkdir(exist_ok=True)
+        name = self._path(spec.name, key).name[: -len(".lance")]
+        table = self._db_for(spec.name).create_table(name, rows, schema=schema, mode="overwrite" if table is not None else "create")
+        return table.version
+
+    def dataset(self, name: str, version: int | None = None, **key):
+        """The Lance dataset behind a table (or one partition), at ``version`` (default: the current one)."""
         import lance
 
-        if not self.has(name):
-            raise KeyError(f"the store {self.root} has no table {name!r} yet")
-        return lance.dataset(str(self.root / f"{name}.lance"), version=version)
+        path = self._path(name, key)
+        if not committed(path):
+            raise KeyError(f"the store {self.root} has no table {name!r}{f' {key}' if key else ''} yet")
+        return lance.dataset(str(path), version=version)
 
     def positioned(self, con: duckdb.DuckDBPyConnection, version: int | None = None):
         """Register ``sample_positions(sample_id, pos)``: each sample's row position in ``samples`` at a
@@ -294,7 +400,7 @@ class Store:
         con.register("sample_positions", ids.append_column("pos", pa.array(np.arange(len(ids), dtype=np.int64))))
         return dataset
 
-    def compact(self, name: str, keep: dt.timedelta | None = None) -> dict:
+    def compact(self, name: str, keep: dt.timedelta | None = None, **key) -> dict:
         """Merge the small fragments many batch commits leave behind (a new version, same rows), then
         delete the files only versions older than ``keep`` need.
 
@@ -310,16 +416,17 @@ class Store:
         -------
         ``{"fragments": before -> after, "versions_removed": n, "bytes_removed": n}``.
         """
-        if not self.has(name):
-            return {}
+        return self._compact_path(self._path(name, key), keep) if self.has(name, **key) else {}
+
+    def _compact_path(self, path: Path, keep: dt.timedelta | None) -> dict:
         import lance
 
         with self.writing():
-            dataset = lance.dataset(str(self.root / f"{name}.lance"))
+            dataset = lance.dataset(str(path))
             before = len(dataset.get_fragments())
             if before > 1:
                 dataset.optimize.compact_files()
-                dataset = lance.dataset(str(self.root / f"{name}.lance"))
+                dataset = lance.dataset(str(path))
             stats = dataset.cleanup_old_versions(older_than=KEEP_VERSIONS if keep is None else keep,
                                                  error_if_tagged_old_versions=False)
         return {"fragments": f"{before} -> {len(dataset.get_fragments())}",
@@ -327,7 +434,14 @@ class Store:
 
     def compact_all(self, keep: dt.timedelta | None = None) -> dict[str, dict]:
         """``compact`` every table of the store."""
-        return {name: self.compact(name, keep) for name in table_specs() if self.has(name)}
+        report = {}
+        for name, spec in table_specs().items():
+            if spec.partition:
+                for path in self.partitions(name):
+                    report[f"{name}/{path.name[: -len('.lance')]}"] = self._compact_path(path, keep)
+            elif self.has(name):
+                report[name] = self.compact(name, keep)
+        return report
 
     def tag_versions(self, tag: str, versions: dict[str, int]) -> None:
         """Tag each table at a version (moving the tag if it exists), so ``compact`` keeps that version."""
@@ -335,8 +449,10 @@ class Store:
 
         with self.writing():
             for name, version in versions.items():
-                if self.has(name):
-                    tags = lance.dataset(str(self.root / f"{name}.lance")).tags
+                # a partition is named "table/partition" (as ``register`` reports it)
+                path = self.root / f"{name}.lance"
+                if committed(path):
+                    tags = lance.dataset(str(path)).tags
                     if tag in tags.list():
                         tags.update(tag, version)
                     else:
@@ -344,15 +460,22 @@ class Store:
 
     def versions(self) -> dict[str, int]:
         """Current version of every table that exists."""
-        return {name: self.db.open_table(name).version for name in table_specs() if self.has(name)}
+        return {name: self.dataset(name).version for name, spec in table_specs().items()
+                if not spec.partition and self.has(name)}
 
-    def arrow(self, name: str, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
-        """Read a table (or an empty one with its schema) as Arrow."""
-        table = self.table(name)
-        if table is None:
-            schema = self.spec(name).schema
-            return schema.empty_table().select(columns) if columns else schema.empty_table()
-        return table.to_lance().to_table(columns=columns, filter=filter)
+    def arrow(self, name: str, columns: list[str] | None = None, filter: str | None = None, **key) -> pa.Table:
+        """Read a table (or an empty one with its schema) as Arrow. A partitioned table is read whole
+        (every partition, vectors as variable-length lists), or one partition when ``key`` names it."""
+        spec = self.spec(name)
+        empty = spec.schema.empty_table().select(columns) if columns else spec.schema.empty_table()
+        if not self.has(name, **key):
+            return empty
+        if spec.partition and not key:
+            import lance
+
+            parts = [lance.dataset(str(p)).to_table(columns=columns, filter=filter) for p in self.partitions(name)]
+            return pa.concat_tables([part.cast(empty.schema) for part in parts])
+        return self.dataset(name, **key).to_table(columns=columns, filter=filter)
 
     def ids(self, name: str, filter: str | None = None) -> set[str]:
         """The sample ids already present in a table (optionally under a Lance SQL filter)."""
@@ -395,16 +518,57 @@ class Store:
         The connection and the table versions it reads.
         """
         con = duckdb.connect()
+        return con, self.register(con, pins)
+
+    def register(self, con: duckdb.DuckDBPyConnection, pins: dict[str, dict] | None = None) -> dict[str, int]:
+        """Make every table of the store a view of ``con`` and define ``facts`` (see ``connect``; ``attach``
+        does this for a connection of the user's own). Returns the versions read."""
         versions = {}
         for name, spec in table_specs().items():
-            if self.has(name):
+            if spec.partition:  # one view over all partitions, vectors read as lists (their widths differ)
+                import lance
+
+                columns = ", ".join(f"{c}::{_DUCKDB_LISTS[spec.schema.field(c).type.value_type]} as {c}" if c in spec.vectors
+                                    else c for c in spec.schema.names)
+                parts = []
+                for i, path in enumerate(self.partitions(name)):
+                    dataset = lance.dataset(str(path))
+                    con.register(f"_{name}_{i}", dataset)
+                    parts.append(f"select {columns} from _{name}_{i}")
+                    versions[f"{name}/{path.name[: -len('.lance')]}"] = dataset.version
+                if parts:
+                    con.execute(f"create or replace temp view {name} as " + " union all ".join(parts))
+                else:
+                    con.register(name, spec.schema.empty_table())
+            elif self.has(name):
                 dataset = self.dataset(name)
                 con.register(name, dataset)
                 versions[name] = dataset.version
             else:
                 con.register(name, spec.schema.empty_table())
         con.execute(facts_view_sql(pins or {}))
-        return con, versions
+        return versions
+
+
+def attach(con: duckdb.DuckDBPyConnection, store: str | os.PathLike | Store, pins: dict[str, dict] | None = None) -> dict[str, int]:
+    """Make a store readable from your own DuckDB connection: each table becomes a view of the same name
+    and ``facts`` joins them as ``engine query`` does.
+
+    Examples
+    --------
+    >>> con = duckdb.connect()
+    >>> attach(con, "data/store")
+    >>> con.sql("select category, avg(u_v) from facts group by 1").show()
+
+    Returns
+    -------
+    The version of each table the views read (they stay at it: attach again to see later commits).
+    """
+    if not isinstance(store, Store):
+        if not (Path(store) / "samples.lance").exists():  # a mistyped path must not answer with empty tables
+            raise FileNotFoundError(f"{store} is not a store (no samples table); `engine ingest` writes one")
+        store = Store(store)
+    return store.register(con, pins)
 
 
 def facts_view_sql(pins: dict[str, dict]) -> str:
@@ -429,4 +593,4 @@ def facts_view_sql(pins: dict[str, dict]) -> str:
             f"qualify row_number() over (partition by sample_id order by run_id desc) = 1) as _{name} using (sample_id)"
         )
         selects.extend(f"_{name}.{c}" for c in spec.fact_columns)
-    return f"create or replace view facts as select {', '.join(selects)} from samples " + " ".join(joins)
+    return f"create or replace temp view facts as select {', '.join(selects)} from samples " + " ".join(joins)

