@@ -71,7 +71,10 @@ def export(mixture: str | Path, out: str | Path, format: str = "hf", push: str |
     mixture, out = Path(mixture), Path(out)
     files = mixture_files(mixture)
     manifest = json.loads((mixture / "manifest.json").read_text())
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:  # a missing parent folder is created, as people expect of `--out new/folder`
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. a file where a folder should be
+        raise ExportError(f"cannot write {out}: {error.strerror or error}") from None
     tmp = out.parent / f".{out.name}.tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

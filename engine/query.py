@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import json
 import sys
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -44,6 +45,8 @@ def write_result(table: pa.Table, fmt: str, output: str | None, max_rows: int = 
     """Print or save a result as a table, CSV, JSON lines or Parquet."""
     import polars as pl
 
+    if output:
+        _make_parent(output)
     if fmt == "parquet":
         if not output:
             raise QueryError("--format parquet needs --output FILE")
@@ -73,6 +76,16 @@ def _json_default(value):
     if isinstance(value, (dt.date, dt.datetime)):
         return value.isoformat()
     return str(value)
+
+
+def _make_parent(output: str) -> None:
+    """Create the folder ``output`` goes into, as people expect of ``-o new/folder/result.csv``."""
+    try:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. a file where a folder should be
+        raise QueryError(f"cannot write {output}: {error.strerror or error}") from None
+    if Path(output).is_dir():
+        raise QueryError(f"cannot write {output}: it is a folder")
 
 
 def _emit(text: str, output: str | None) -> None:

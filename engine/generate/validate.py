@@ -5,6 +5,7 @@ threshold => clean" finds the clean rows of a corrupted split (App. E.1, Figure 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -82,6 +83,8 @@ def validation_report(store: Store, model: str, plot_path: str | None = None, co
         lines.append(f"{curves['PPL']['percentile'][index]:>10} {cells}")
     if plot_path:
         import matplotlib
+
+        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)  # `--plot new/folder/pr.png` creates the folder
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
