@@ -212,7 +212,7 @@ def validate(ctx, model, backend, device, where, limit, batch_size, corrupted, r
         except LookupError as error:
             raise Fail(str(error)) from None
         except OSError as error:  # --plot where no file can be written (e.g. under a file)
-            raise Fail(f"cannot write {plot}: {error.strerror or error}") from None
+            raise Fail(f"cannot write {plot}: {error}") from None
         return
     result = run_validate(_store(ctx), _backend(model, backend, device), where, limit, batch_size, corrupted, not quiet,
                           commit_rows)

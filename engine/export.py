@@ -12,6 +12,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.query import make_parent
 from engine.sql import sql_literal
 from engine.recipes.output import MIXTURE_SCHEMA, MixtureWriter, mixture_features, publish
 
@@ -72,9 +73,9 @@ def export(mixture: str | Path, out: str | Path, format: str = "hf", push: str |
     files = mixture_files(mixture)
     manifest = json.loads((mixture / "manifest.json").read_text())
     try:  # a missing parent folder is created, as people expect of `--out new/folder`
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # e.g. a file where a folder should be
-        raise ExportError(f"cannot write {out}: {error.strerror or error}") from None
+        make_parent(out)
+    except OSError as error:
+        raise ExportError(f"cannot write {out}: {error}") from None
     tmp = out.parent / f".{out.name}.tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -78,12 +78,23 @@ def _json_default(value):
     return str(value)
 
 
+def make_parent(path: str | Path) -> None:
+    """Create the folder that ``path`` goes into, as people expect of ``-o new/folder/result.csv``; raises
+    ``OSError`` with a message for a person when a file stands where a folder should be."""
+    parent = Path(path).parent
+    for ancestor in (parent, *parent.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise NotADirectoryError(f"{ancestor} is a file, not a folder")
+            break
+    parent.mkdir(parents=True, exist_ok=True)
+
+
 def _make_parent(output: str) -> None:
-    """Create the folder ``output`` goes into, as people expect of ``-o new/folder/result.csv``."""
     try:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # e.g. a file where a folder should be
-        raise QueryError(f"cannot write {output}: {error.strerror or error}") from None
+        make_parent(output)
+    except OSError as error:
+        raise QueryError(f"cannot write {output}: {error}") from None
     if Path(output).is_dir():
         raise QueryError(f"cannot write {output}: it is a folder")
 

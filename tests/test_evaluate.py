@@ -1,6 +1,12 @@
 """`engine eval`: answer matching and the robustness metrics on hand-made tables; an end-to-end run."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -262,6 +268,10 @@ def test_another_configuration_in_the_same_out_is_refused_and_overwrite_removes_
     (out / "eval_config.json").unlink()
     with pytest.raises(EvalError, match="holds eval outputs .*predictions.parquet.* without eval_config.json"):
         evaluate(StandIn(), items(), out, EvalConfig(**CONFIG), progress=False)
+    with pytest.raises(EvalError, match="notes.txt is a file, not a folder"):
+        evaluate(StandIn(), items(), out / "notes.txt" / "e", EvalConfig(**CONFIG), progress=False)
+    with pytest.raises(EvalError, match="is a file, not a folder"):
+        evaluate(StandIn(), items(), out / "notes.txt", EvalConfig(**CONFIG), progress=False)
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -329,3 +339,48 @@ def test_plots_draw_accuracy_and_the_causal_effect_and_say_when_dp_is_undefined(
     assert [b.get_height() for b in bars.patches] == [0.0, 0.0, 0.5, 0.0]  # original UF, FB; perturbed UF, FB
     assert [b.get_height() for b in effect.patches] == [0.75, 0.0] and effect.get_title() == "causal effect of the intervention"
     assert [t.get_text() for t in effect.texts] == ["0.75", "0.00"]  # a zero bar still shows its value
+
+
+def kill_after_parts(command: list[str], partial: Path, parts: int, timeout: float = 300) -> None:
+    """Start ``command``, SIGKILL it once ``partial`` holds ``parts`` committed parts, and check that it
+    really was killed mid-run."""
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if partial.is_dir() and len(list(partial.glob("part-*.parquet"))) >= parts:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+@pytest.mark.slow
+def test_a_killed_eval_resumes_to_the_bytes_of_an_uninterrupted_run(sample_store, tiny_vlm, tmp_path):
+    options = ["eval", "--model", tiny_vlm, "--where", "subset = 'shapes_vqa' and row < 3", "--corruptions", "gaussian_noise",
+               "--severities", "1,2", "--seeds", "0,1", "--interference", "", "--max-new-tokens", "2", "--batch-size", "2",
+               "--commit-rows", "2", "--quiet"]
+    store = ["--store", str(sample_store.root)]
+    kill_after_parts([sys.executable, "-m", "engine.cli", *store, *options, "--out", str(tmp_path / "resumed")],
+                     tmp_path / "resumed" / "predictions.partial", parts=3)
+    assert not (tmp_path / "resumed" / "predictions.parquet").exists()
+    runner = CliRunner()
+    for out in ("resumed", "whole"):
+        result = runner.invoke(main, [*store, *options, "--out", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert "predictions.parquet" in names and "accuracy_vs_severity.png" in names
+    for name in names:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == names
+    rows = pq.read_table(tmp_path / "resumed" / "predictions.parquet").to_pylist()
+    n = sum(r["condition"] == "clean" for r in rows)
+    assert n >= 3 and len(rows) == len({(r["sample_id"], r["condition"], r["severity"], r["seed"]) for r in rows}) == n * 5
+    # another configuration in the same folder is refused with one line, and changes nothing
+    before = {p.name: p.read_bytes() for p in (tmp_path / "resumed").iterdir()}
+    result = runner.invoke(main, [*store, *options, "--seeds", "0", "--out", str(tmp_path / "resumed")])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "resumed").iterdir()} == before

@@ -317,8 +317,14 @@ class _Output:
 
     def __init__(self, out: Path, identity: dict, overwrite: bool):
         self.out, self.partial = out, out / PARTIAL_DIR
+        from engine.query import make_parent
+
         if out.exists() and not out.is_dir():
             raise EvalError(f"--out {out} is a file, not a folder")
+        try:  # `--out new/folder` creates the folder, as people expect
+            make_parent(out)
+        except OSError as error:
+            raise EvalError(f"cannot write {out}: {error}") from None
         ours = [name for name in (*OUTPUT_FILES, PARTIAL_DIR) if (out / name).exists()]
         config_path = out / CONFIG_FILE
         if config_path.exists():
@@ -336,7 +342,7 @@ class _Output:
             raise EvalError(f"{out} holds eval outputs ({', '.join(ours)}) without {CONFIG_FILE}; "
                             f"pass --overwrite to replace them, or choose another --out")
         self._remove_ours()
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(exist_ok=True)
         _write_atomic(config_path, (json.dumps(identity, indent=2, sort_keys=True) + "\n").encode())
 
     def _remove_ours(self) -> None:

@@ -5,7 +5,6 @@ threshold => clean" finds the clean rows of a corrupted split (App. E.1, Figure 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -84,7 +83,9 @@ def validation_report(store: Store, model: str, plot_path: str | None = None, co
     if plot_path:
         import matplotlib
 
-        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)  # `--plot new/folder/pr.png` creates the folder
+        from engine.query import make_parent
+
+        make_parent(plot_path)  # `--plot new/folder/pr.png` creates the folder
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
