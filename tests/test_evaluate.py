@@ -327,7 +327,7 @@ def test_plots_draw_accuracy_and_the_causal_effect_and_say_when_dp_is_undefined(
               "interference": {"UF": {"n": 4, "accuracy_original": 0.0, "accuracy_perturbed": 0.5, "causal_effect": 0.75},
                                "FB": {"n": 2, "accuracy_original": 0.0, "accuracy_perturbed": 0.0, "causal_effect": 0.0}}}
     accuracy, dp = accuracy_figure(report).axes
-    assert accuracy.get_ylabel() == "accuracy" and accuracy.get_ylim() == (0, 1)
+    assert accuracy.get_ylabel() == "accuracy" and accuracy.get_ylim() == (0, 1.05)
     [line] = [c.lines[0] for c in accuracy.containers if c.get_label() == "gaussian_noise"]  # the errorbar's data line
     assert list(line.get_xdata()) == [1, 5] and list(line.get_ydata()) == [0.0, 0.25]
     assert [t.get_text() for t in dp.texts] == ["ΔP is undefined:\nthe clean accuracy is 0"]

@@ -677,7 +677,7 @@ def accuracy_figure(report: dict):
     if not _undefined(clean):
         left.axhline(clean, color="black", ls="--", lw=1, label=f"clean ({clean:.2f})")
     left.set_xticks(ticks)
-    left.set_ylim(0, 1)
+    left.set_ylim(0, 1.05)  # above 1, so a clean accuracy of 1 is not hidden under the frame
     left.set_xlabel("severity")
     left.set_ylabel("accuracy")
     left.set_title("accuracy under corruption (mean ± sd over seeds)")
