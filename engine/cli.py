@@ -304,6 +304,8 @@ def validate(ctx, model, backend, device, where, limit, batch_size, corrupted, r
             click.echo(validation_report(_store(ctx), model, plot))
         except LookupError as error:
             raise Fail(str(error)) from None
+        except OSError as error:  # --plot where no file can be written (e.g. under a file)
+            raise Fail(f"cannot write {plot}: {error}") from None
         return
     result = run_validate(_store(ctx), _backend(model, backend, device), where, limit, batch_size, corrupted, not quiet,
                           commit_rows)
@@ -362,36 +364,45 @@ def facts(ctx, model, backend, device, where, salt, per_option, limit, batch_siz
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--where", callback=_where_flag, default="split = 'test'", show_default=True, help="evaluation rows: SQL filter over facts")
-@click.option("--dataset", type=click.Path(exists=True), help="evaluate an HF dataset folder or Parquet files instead")
-@click.option("--limit", type=int)
-@click.option("--corruptions", default="gaussian_noise,shot_noise,impulse_noise,insert,delete,replace", show_default=True)
-@click.option("--severities", default="1,2,3,4,5", show_default=True)
-@click.option("--seeds", default="0,1,2", show_default=True)
-@click.option("--interference", default="UF,MD,RP,RI,FB,FW", show_default=True)
+@click.option("--dataset", type=click.Path(exists=True), help="evaluate an HF dataset folder or Parquet files instead "
+              "(texts, turns or messages layout, e.g. `engine export --format messages`)")
+@click.option("--limit", type=click.IntRange(min=1))
+@click.option("--corruptions", default="gaussian_noise,shot_noise,impulse_noise,insert,delete,replace", show_default=True,
+              help="comma-separated, from gaussian_noise, shot_noise, impulse_noise, insert, delete, replace ('' for none)")
+@click.option("--severities", default="1,2,3,4,5", show_default=True, help="comma-separated, from 1-5")
+@click.option("--seeds", default="0,1,2", show_default=True, help="comma-separated integers >= 0")
+@click.option("--interference", default="UF,MD,RP,RI,FB,FW", show_default=True,
+              help="comma-separated interventions, from UF, MD, RP, RI, FB, FW ('' for none)")
 @click.option("--interference-on", type=click.Choice(["task_kind", "all"]), default="task_kind", show_default=True,
               help="apply text interventions to image-heavy and image interventions to text-heavy items, or to all")
-@click.option("--max-new-tokens", default=16, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--prompt-suffix", default="", help='appended to each question, e.g. "Answer with one word."')
 @click.option("--out", required=True, type=click.Path(), help="folder for predictions.parquet, report.txt/json and plots")
+@click.option("--overwrite", is_flag=True, help="replace the outputs of an eval with another configuration in --out")
+@click.option("--commit-rows", default=64, show_default=True, type=click.IntRange(min=1),
+              help="commit predictions whenever this many are done (a killed run resumes from there)")
 @click.option("--quiet", is_flag=True)
 @click.pass_context
 def eval_command(ctx, model, backend, device, where, dataset, limit, corruptions, severities, seeds, interference,
-                 interference_on, max_new_tokens, batch_size, prompt_suffix, out, quiet):
-    """Evaluate a model on clean, corrupted and intervened inputs (accuracy, dP, causal effect, LI/VI)."""
-    from engine.evaluate import EvalConfig, evaluate, load_items
+                 interference_on, max_new_tokens, batch_size, prompt_suffix, out, overwrite, commit_rows, quiet):
+    """Evaluate a model on clean, corrupted and intervened inputs (accuracy, dP, causal effect, LI/VI).
+    Resumable: run it again with the same options and it continues where a killed run stopped."""
+    from engine.evaluate.run import EvalConfig, EvalError, evaluate, format_report, load_items, parse_ints, parse_list
 
-    split = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
-    config = EvalConfig(corruptions=split(corruptions), severities=tuple(int(s) for s in split(severities)),
-                        seeds=tuple(int(s) for s in split(seeds)), interference=split(interference),
-                        interference_on=interference_on, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        prompt_suffix=prompt_suffix)
-    items = load_items(None if dataset else _store(ctx), where, dataset, limit)  # --dataset reads no store
-    if not items:
-        raise Fail(f"no evaluation rows: nothing matches {where!r}" if not dataset else f"{dataset} holds no rows")
-    from engine.evaluate.run import format_report
-
-    report = evaluate(_backend(model, backend, device), items, out, config, progress=not quiet)
+    try:
+        codes = tuple(code.upper() for code in parse_list(interference))
+        config = EvalConfig(corruptions=parse_list(corruptions), severities=parse_ints(severities, "--severities", 1, 5),
+                            seeds=parse_ints(seeds, "--seeds", 0), interference=codes, interference_on=interference_on,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_suffix=prompt_suffix)
+        store = None if dataset else _store(ctx)
+        items = load_items(store, where, dataset, limit)
+        if not items:
+            raise Fail(f"no evaluation rows: nothing matches {where!r}" if not dataset else f"{dataset} holds no rows")
+        report = evaluate(_backend(model, backend, device), items, out, config, progress=not quiet,
+                          identity={"backend": backend}, overwrite=overwrite, store=store, commit_rows=commit_rows)
+    except EvalError as error:
+        raise Fail(str(error)) from None
     click.echo(format_report(report).rstrip())
     click.echo(f"predictions, report and plots in {out}")
 

@@ -12,6 +12,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.query import make_parent
 from engine.sql import sql_literal
 from engine.recipes.output import MIXTURE_SCHEMA, MixtureWriter, mixture_features, publish
 
@@ -71,7 +72,10 @@ def export(mixture: str | Path, out: str | Path, format: str = "hf", push: str |
     mixture, out = Path(mixture), Path(out)
     files = mixture_files(mixture)
     manifest = json.loads((mixture / "manifest.json").read_text())
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:  # a missing parent folder is created, as people expect of `--out new/folder`
+        make_parent(out)
+    except OSError as error:
+        raise ExportError(f"cannot write {out}: {error}") from None
     tmp = out.parent / f".{out.name}.tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

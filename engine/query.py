@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import json
 import sys
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -44,6 +45,8 @@ def write_result(table: pa.Table, fmt: str, output: str | None, max_rows: int = 
     """Print or save a result as a table, CSV, JSON lines or Parquet."""
     import polars as pl
 
+    if output:
+        _make_parent(output)
     if fmt == "parquet":
         if not output:
             raise QueryError("--format parquet needs --output FILE")
@@ -73,6 +76,27 @@ def _json_default(value):
     if isinstance(value, (dt.date, dt.datetime)):
         return value.isoformat()
     return str(value)
+
+
+def make_parent(path: str | Path) -> None:
+    """Create the folder that ``path`` goes into, as people expect of ``-o new/folder/result.csv``; raises
+    ``OSError`` with a message for a person when a file stands where a folder should be."""
+    parent = Path(path).parent
+    for ancestor in (parent, *parent.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise NotADirectoryError(f"{ancestor} is a file, not a folder")
+            break
+    parent.mkdir(parents=True, exist_ok=True)
+
+
+def _make_parent(output: str) -> None:
+    try:
+        make_parent(output)
+    except OSError as error:
+        raise QueryError(f"cannot write {output}: {error}") from None
+    if Path(output).is_dir():
+        raise QueryError(f"cannot write {output}: it is a folder")
 
 
 def _emit(text: str, output: str | None) -> None:

@@ -83,6 +83,10 @@ def validation_report(store: Store, model: str, plot_path: str | None = None, co
     if plot_path:
         import matplotlib
 
+        from engine.query import make_parent
+
+        make_parent(plot_path)  # `--plot new/folder/pr.png` creates the folder
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
