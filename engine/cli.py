@@ -38,9 +38,11 @@ def _store(ctx: click.Context) -> Store:
 @click.option("--split", default="train", show_default=True, help="split to read ('all' for easy_vqa's two)")
 @click.option("--sample-dir", default="data/sample", show_default=True, help="where `ingest sample` writes the sample")
 @click.option("--batch-rows", default=512, show_default=True, help="rows per commit")
+@click.option("--max-image-mb", type=click.FloatRange(min=0, min_open=True), default=64, show_default=True,
+              envvar="ENGINE_MAX_IMAGE_MB", help="reject a row with an image larger than this (or ENGINE_MAX_IMAGE_MB)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.pass_context
-def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, quiet):
+def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, max_image_mb, quiet):
     """Ingest SOURCE: `sample` (bundled, offline), `easy_vqa`, a Parquet/`save_to_disk` folder in the
     Cauldron schema, or a hub dataset id such as HuggingFaceM4/the_cauldron. Resumes where a killed
     run stopped."""
@@ -48,11 +50,13 @@ def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, quiet):
     from engine.ingest import ingest_sample, resolve_source
 
     store = _store(ctx)
+    max_image_bytes = int(max_image_mb * (1 << 20))
     try:
         if source == "sample":
-            report = ingest_sample(store, sample_dir, progress=not quiet)
+            report = ingest_sample(store, sample_dir, progress=not quiet, max_image_bytes=max_image_bytes)
         else:
-            report = run_ingest(store, resolve_source(source, name, list(subsets) or None, split), batch_rows, progress=not quiet)
+            report = run_ingest(store, resolve_source(source, name, list(subsets) or None, split), batch_rows,
+                                progress=not quiet, max_image_bytes=max_image_bytes)
     except (FileNotFoundError, ValueError) as error:
         raise Fail(str(error)) from None
     click.echo(f"{report.written} rows written, {report.rejected} rejected, {report.skipped} already present "

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.ingest.base import RawRow, Source
@@ -15,8 +16,34 @@ from engine.ingest.base import RawRow, Source
 READ_BATCH = 64
 
 
-def _rows_of(batch_rows: list[dict], subset: str, split: str, start: int) -> Iterator[RawRow]:
-    for offset, row in enumerate(batch_rows):
+def _records(batch: pa.RecordBatch | pa.Table) -> list[dict | str]:
+    """The rows of an Arrow batch as dicts. A row Python cannot read (a string that is not valid UTF-8)
+    comes back as the reason instead, so that one bad row is rejected rather than failing its batch."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    records: list[dict | str] = []
+    for index in range(batch.num_rows):  # only for a batch that holds a bad row
+        row = batch.slice(index, 1)
+        try:
+            records.append(row.to_pylist()[0])
+        except UnicodeDecodeError:
+            bad = []
+            for name in row.column_names:
+                try:
+                    row.column(name).to_pylist()
+                except UnicodeDecodeError:
+                    bad.append(name)
+            records.append(f"text is not valid UTF-8 (column {', '.join(bad)})")
+    return records
+
+
+def _rows_of(batch: pa.RecordBatch | pa.Table, subset: str, split: str, start: int) -> Iterator[RawRow]:
+    for offset, row in enumerate(_records(batch)):
+        if isinstance(row, str):
+            yield RawRow(subset=subset, split=split, row=start + offset, images=[], texts=[], error=row)
+            continue
         yield RawRow(
             subset=subset,
             split=split,
@@ -70,7 +97,7 @@ class ParquetFolderSource(Source):
                 raise ValueError(f"{path}: not in the Cauldron schema, missing column(s) {sorted(missing)}")
             for batch in handle.iter_batches(batch_size=READ_BATCH, columns=wanted):
                 start = counters.get(subset, 0)
-                yield from _rows_of(batch.to_pylist(), subset, self.split, start)
+                yield from _rows_of(batch, subset, self.split, start)
                 counters[subset] = start + batch.num_rows
 
 
@@ -102,19 +129,17 @@ class HubSource(Source):
             dataset = datasets.load_dataset(self.location, subset, split=self.split, streaming=True)
         if "images" in dataset.features:  # read encoded bytes, decode ourselves (and reject what fails)
             dataset = dataset.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))
-        return dataset
+        return dataset.with_format("arrow")  # Arrow batches: a row with bad text is rejected alone
 
     def rows(self) -> Iterator[RawRow]:
         for subset in self.subsets:
             row = 0
             for batch in self._open(subset).iter(batch_size=READ_BATCH):
-                columns = list(batch)
-                missing = {"images", "texts"} - set(columns)
+                missing = {"images", "texts"} - set(batch.column_names)
                 if missing:
                     raise ValueError(f"{self.location} [{subset}]: not in the Cauldron schema, missing {sorted(missing)}")
-                records = [dict(zip(columns, values)) for values in zip(*batch.values())]
-                yield from _rows_of(records, subset, self.split, row)
-                row += len(records)
+                yield from _rows_of(batch, subset, self.split, row)
+                row += batch.num_rows
 
 
 def open_source(location: str, name: str = "cauldron", subsets: list[str] | None = None, split: str = "train") -> Source:
