@@ -57,7 +57,7 @@ def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, max_image_
         else:
             report = run_ingest(store, resolve_source(source, name, list(subsets) or None, split), batch_rows,
                                 progress=not quiet, max_image_bytes=max_image_bytes)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ConnectionError) as error:  # ConnectionError: the hub is unreachable
         raise Fail(str(error)) from None
     click.echo(f"{report.written} rows written, {report.rejected} rejected, {report.skipped} already present "
                f"(run {report.run_id}, store {store.root})")

@@ -262,3 +262,45 @@ def test_an_exif_rotated_jpeg_is_stored_upright():
         assert pixels.shape[:2] == (expected[1], expected[0])
         top, bottom = pixels[: h // 4].mean((0, 1)), pixels[-h // 4 :].mean((0, 1))
         assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]
+
+
+def test_an_unreachable_hub_is_one_line_that_says_how_to_ingest_a_local_copy(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from engine.cli import main
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no cached copy to fall back on
+    # the tests run with HF_HUB_OFFLINE=1: what the hub client does without network
+    result = CliRunner().invoke(main, ["--store", str(tmp_path / "store"), "ingest", "HuggingFaceM4/the_cauldron",
+                                       "--subset", "ai2d", "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach the Hugging Face hub for 'HuggingFaceM4/the_cauldron'")
+    assert "engine ingest FOLDER" in lines[0] and "train-*.parquet" in lines[0]
+    assert not (tmp_path / "store" / "samples.lance").exists()
+
+
+def test_a_refused_connection_in_the_middle_of_a_stream_is_the_same_one_line(monkeypatch):
+    import datasets
+    httpx2 = pytest.importorskip("httpx2")  # huggingface_hub's HTTP client
+
+    from engine.ingest.cauldron import HubSource, HubUnreachable
+
+    class Stream:
+        def cast_column(self, *args):
+            return self
+
+        def with_format(self, *args):
+            return self
+
+        features = {}
+
+        def iter(self, batch_size):
+            raise RuntimeError("reading a shard failed") from httpx2.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: Stream())
+    with pytest.raises(HubUnreachable, match=r"cannot reach the Hugging Face hub for 'owner/data' \(RuntimeError\)"):
+        list(HubSource("owner/data", subsets=["ai2d"]).rows())
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: (_ for _ in ()).throw(KeyError("no such split")))
+    with pytest.raises(KeyError):  # anything else is not dressed up as a network problem
+        list(HubSource("owner/data", subsets=["ai2d"]).rows())

@@ -6,6 +6,7 @@ folder of Parquet files (``{subset}/{split}-*.parquet``, as the hub stores them)
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -52,6 +53,25 @@ def _rows_of(batch: pa.RecordBatch | pa.Table, subset: str, split: str, start: i
             texts=row.get("texts") or [],
             label=row.get("label"),
         )
+
+
+class HubUnreachable(ConnectionError):
+    """The Hugging Face hub could not be reached; the message says how to ingest a local copy instead."""
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether an error, or one it was raised from, means the hub could not be reached (no network,
+    offline mode, a refused connection, a time-out) rather than, say, a dataset that does not exist."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (ConnectionError, TimeoutError)):
+            return True
+        # huggingface_hub's HTTP client (httpx, or its fork httpx2): a TransportError is a failure to talk
+        # to the server at all; matched by name so that neither package has to be imported here
+        if any(k.__name__ == "TransportError" and k.__module__.split(".")[0].startswith("httpx") for k in type(seen).__mro__):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class ParquetFolderSource(Source):
@@ -114,7 +134,8 @@ class HubSource(Source):
         if self.local:
             self.subsets = subsets or [Path(location).name]
         else:
-            self.subsets = subsets or datasets.get_dataset_config_names(location)
+            with self._reaching_the_hub():
+                self.subsets = subsets or datasets.get_dataset_config_names(location)
 
     def config(self) -> dict:
         return {"source": self.name, "location": self.location, "subsets": self.subsets, "split": self.split}
@@ -131,15 +152,34 @@ class HubSource(Source):
             dataset = dataset.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))
         return dataset.with_format("arrow")  # Arrow batches: a row with bad text is rejected alone
 
+    @contextmanager
+    def _reaching_the_hub(self):
+        """Turn the many errors of an unreachable hub (offline mode, refused connections, time-outs, at
+        any point of a stream) into one ``HubUnreachable`` that says how to ingest a local copy instead."""
+        if self.local:
+            yield
+            return
+        try:
+            yield
+        except Exception as error:
+            if not _unreachable(error):
+                raise
+            raise HubUnreachable(
+                f"cannot reach the Hugging Face hub for {self.location!r} ({type(error).__name__}); without network, "
+                f"copy its Parquet files ({{subset}}/{self.split}-*.parquet) or a `save_to_disk` folder to this machine "
+                f"and run `engine ingest FOLDER`"
+            ) from None
+
     def rows(self) -> Iterator[RawRow]:
         for subset in self.subsets:
             row = 0
-            for batch in self._open(subset).iter(batch_size=READ_BATCH):
-                missing = {"images", "texts"} - set(batch.column_names)
-                if missing:
-                    raise ValueError(f"{self.location} [{subset}]: not in the Cauldron schema, missing {sorted(missing)}")
-                yield from _rows_of(batch, subset, self.split, row)
-                row += batch.num_rows
+            with self._reaching_the_hub():
+                for batch in self._open(subset).iter(batch_size=READ_BATCH):
+                    missing = {"images", "texts"} - set(batch.column_names)
+                    if missing:
+                        raise ValueError(f"{self.location} [{subset}]: not in the Cauldron schema, missing {sorted(missing)}")
+                    yield from _rows_of(batch, subset, self.split, row)
+                    row += batch.num_rows
 
 
 def open_source(location: str, name: str = "cauldron", subsets: list[str] | None = None, split: str = "train") -> Source:
