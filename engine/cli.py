@@ -165,6 +165,8 @@ def _stage_summary(report, verb: str) -> None:
                f"run {report.run_id})")
     for reason, count in sorted(report.reasons.items()):
         click.echo(f"  rejected: {count} x {reason}")
+    if report.skipped_rejected:
+        click.echo(f"  skipped: {report.skipped_rejected} rows whose image a previous run could not decode (see rejects)")
 
 
 MODEL_HELP = "image-text-to-text model id or folder (SmolVLM/Idefics3, Qwen2.5-VL, LLaVA-OneVision, ...)"

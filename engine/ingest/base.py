@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from engine.categories import subset_mapping
 from engine.images import MAX_IMAGE_BYTES, ImageError, read_image_file, standardize
+from engine.rejects import RejectLog
 from engine.sql import sql_literal
 from engine.store import Store, new_run_id
 
@@ -138,7 +139,8 @@ def ingest(
     report = IngestReport(run_id=new_run_id("ingest"))
     started = dt.datetime.now(dt.timezone.utc)
     source_is = f"source = {sql_literal(source.name)}"
-    done = store.ids("samples", source_is) | store.ids("rejects", f"{source_is} AND stage = 'ingest'")
+    log = RejectLog(store, "ingest", source_is)  # rejects once (engine.rejects), shared with the model stages
+    done = store.ids("samples", source_is) | log.ids
     mapping = subset_mapping()
     samples: list[dict] = []
     rejects: list[dict] = []
@@ -148,8 +150,9 @@ def ingest(
         nonlocal pending_bytes
         pending_bytes = 0
         # rejects first: if the kill falls between the two commits, the good rows are simply redone
-        if rejects:
-            store.append("rejects", rejects)
+        fresh = log.new(rejects)
+        if fresh:
+            store.append("rejects", fresh)
         if samples:
             store.append("samples", samples)
         samples.clear()
