@@ -120,6 +120,27 @@ def _where_flag(ctx: click.Context, param: click.Parameter, value: str | None) -
         raise Fail(f"--where: {error}") from None
 
 
+def _silence_libraries(ctx: click.Context, param: click.Parameter, quiet: bool) -> bool:
+    """``--quiet`` also silences the progress bars of the libraries a command loads (transformers' weight
+    loading, datasets' casting, hub downloads): through their environment switches for those imported later,
+    and their functions for those already imported (each reads its switch once, at import)."""
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers takes its default from the hub's switch
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
+    return quiet
+
+
+def quiet_option(help: str = "no progress bars (the engine's nor its libraries')"):
+    """The ``--quiet`` flag of the commands that show progress."""
+    return click.option("--quiet", is_flag=True, callback=_silence_libraries, help=help)
+
+
 @main.command()
 @click.argument("source")
 @click.option("--name", help="source name in sample ids (default: cauldron; easy_vqa / sample for those)")
@@ -127,9 +148,11 @@ def _where_flag(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--split", default="train", show_default=True, help="split to read ('all' for easy_vqa's two)")
 @click.option("--sample-dir", default="data/sample", show_default=True, help="where `ingest sample` writes the sample")
 @click.option("--batch-rows", default=512, show_default=True, help="rows per commit")
-@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--max-image-mb", type=click.FloatRange(min=0, min_open=True), default=64, show_default=True,
+              envvar="ENGINE_MAX_IMAGE_MB", help="reject a row with an image larger than this (or ENGINE_MAX_IMAGE_MB)")
+@quiet_option()
 @click.pass_context
-def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, quiet):
+def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, max_image_mb, quiet):
     """Ingest SOURCE: `sample` (bundled, offline), `easy_vqa`, a Parquet/`save_to_disk` folder in the
     Cauldron schema, or a hub dataset id such as HuggingFaceM4/the_cauldron. Resumes where a killed
     run stopped."""
@@ -137,12 +160,14 @@ def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, quiet):
     from engine.ingest import ingest_sample, resolve_source
 
     store = _store(ctx, create=True)
+    max_image_bytes = int(max_image_mb * (1 << 20))
     try:
         if source == "sample":
-            report = ingest_sample(store, sample_dir, progress=not quiet)
+            report = ingest_sample(store, sample_dir, progress=not quiet, max_image_bytes=max_image_bytes)
         else:
-            report = run_ingest(store, resolve_source(source, name, list(subsets) or None, split), batch_rows, progress=not quiet)
-    except (FileNotFoundError, ValueError) as error:
+            report = run_ingest(store, resolve_source(source, name, list(subsets) or None, split), batch_rows,
+                                progress=not quiet, max_image_bytes=max_image_bytes)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:  # ConnectionError: the hub is unreachable
         raise Fail(str(error)) from None
     except ModuleNotFoundError as error:
         if error.name != "easy_vqa":
@@ -177,7 +202,7 @@ def sample(out, seed):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--pca", type=int, help="then fit a PCA to this many dimensions on the train split (stored as a new model)")
 @click.option("--no-standardize", is_flag=True, help="with --pca: skip per-dimension standardisation")
-@click.option("--quiet", is_flag=True)
+@quiet_option()
 @click.pass_context
 def embed(ctx, model, modality, where, batch_size, device, pca, no_standardize, quiet):
     """Embed samples' images or texts (L2-normalised), resumable."""
@@ -203,7 +228,7 @@ def embed(ctx, model, modality, where, batch_size, device, pca, no_standardize, 
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", default=42, show_default=True)
 @click.option("--entropy-max-rows", default=20000, show_default=True, help="KNIFE trains on at most this many train rows (0: all)")
-@click.option("--quiet", is_flag=True)
+@quiet_option()
 @click.pass_context
 def score(ctx, image_model, text_model, where, device, seed, entropy_max_rows, quiet):
     """Estimate pointwise r, u_v, u_t, s (LSMI) for labelled samples; writes the interactions table."""
@@ -254,6 +279,8 @@ def _stage_summary(report, verb: str) -> None:
                f"run {report.run_id})")
     for reason, count in sorted(report.reasons.items()):
         click.echo(f"  rejected: {count} x {reason}")
+    if report.skipped_rejected:
+        click.echo(f"  skipped: {report.skipped_rejected} rows whose image a previous run could not decode (see rejects)")
 
 
 MODEL_HELP = "image-text-to-text model id or folder (SmolVLM/Idefics3, Qwen2.5-VL, LLaVA-OneVision, ...)"
@@ -270,7 +297,7 @@ MODEL_HELP = "image-text-to-text model id or folder (SmolVLM/Idefics3, Qwen2.5-V
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--max-new-tokens", default=96, show_default=True)
 @click.option("--commit-rows", default=64, show_default=True, help="commit whenever this many rows are done")
-@click.option("--quiet", is_flag=True)
+@quiet_option()
 @click.pass_context
 def caption(ctx, model, backend, device, use_gate, tier, where, limit, batch_size, max_new_tokens, commit_rows, quiet):
     """Caption the chosen rows' images (greedy); resumable, each row captioned once per captioner and prompt set."""
@@ -292,7 +319,7 @@ def caption(ctx, model, backend, device, use_gate, tier, where, limit, batch_siz
 @click.option("--report", is_flag=True, help="instead of scoring: precision/recall of PPL and Val_PPL against the corruption flags")
 @click.option("--plot", type=click.Path(), help="with --report: write the precision-recall plot here (PNG)")
 @click.option("--commit-rows", default=64, show_default=True, help="commit whenever this many rows are done")
-@click.option("--quiet", is_flag=True)
+@quiet_option()
 @click.pass_context
 def validate(ctx, model, backend, device, where, limit, batch_size, corrupted, report, plot, commit_rows, quiet):
     """PPL and Val_PPL (self-validation) of each answer; resumable. --report evaluates them."""
@@ -319,7 +346,7 @@ def validate(ctx, model, backend, device, where, limit, batch_size, corrupted, r
 @click.option("--rewrite-model", help="rewrite free-form answers with this model instead of drawing from the subset")
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--quiet", is_flag=True)
+@quiet_option()
 @click.pass_context
 def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, quiet):
     """Deterministically corrupt a fraction of answers (for experiments), keeping the originals."""
@@ -344,7 +371,7 @@ def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, quiet):
 @click.option("--per-option", default=2, show_default=True, help="facts to ask for about each option")
 @click.option("--limit", type=int, help="at most this many options (for trying things out)")
 @click.option("--batch-size", default=8, show_default=True)
-@click.option("--quiet", is_flag=True)
+@quiet_option()
 @click.pass_context
 def facts(ctx, model, backend, device, where, salt, per_option, limit, batch_size, quiet):
     """Facts about the wrong options of misleading descriptions, written by a model and cached for recipes
@@ -382,7 +409,7 @@ def facts(ctx, model, backend, device, where, salt, per_option, limit, batch_siz
 @click.option("--overwrite", is_flag=True, help="replace the outputs of an eval with another configuration in --out")
 @click.option("--commit-rows", default=64, show_default=True, type=click.IntRange(min=1),
               help="commit predictions whenever this many are done (a killed run resumes from there)")
-@click.option("--quiet", is_flag=True)
+@quiet_option()
 @click.pass_context
 def eval_command(ctx, model, backend, device, where, dataset, limit, corruptions, severities, seeds, interference,
                  interference_on, max_new_tokens, batch_size, prompt_suffix, out, overwrite, commit_rows, quiet):
@@ -411,7 +438,7 @@ def eval_command(ctx, model, backend, device, where, dataset, limit, corruptions
 @click.argument("recipe", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="override a recipe key, e.g. --set mixture.budget=2000 (repeatable)")
-@click.option("--quiet", is_flag=True, help="no progress bar")
+@quiet_option()
 @click.pass_context
 def build(ctx, recipe, overrides, quiet):
     """Build the mixture a RECIPE describes and publish it (Parquet, HF dataset, manifest.json)."""
@@ -428,8 +455,16 @@ def build(ctx, recipe, overrides, quiet):
         result = run_build(_store(ctx), loaded, progress=not quiet)
     except (RecipeError, BuildError) as error:
         raise Fail(str(error)) from None
+    from engine.perturb.variants import IMAGE_PERTURBATIONS, TEXT_PERTURBATIONS
+
     rows = result.manifest["rows"]
-    click.echo(f"{rows['total']} rows ({rows['captioned']} captioned) -> {result.path}")
+    # the total counts samples; perturbed variants are rows written on top of it
+    extra = sum(n for kind, n in (rows.get("variants") or {}).items() if kind in IMAGE_PERTURBATIONS + TEXT_PERTURBATIONS)
+    if extra:
+        click.echo(f"{rows['total'] + extra} rows written: {rows['total']} samples ({rows['captioned']} captioned) "
+                   f"+ {extra} perturbed variants -> {result.path}")
+    else:
+        click.echo(f"{rows['total']} rows ({rows['captioned']} captioned) -> {result.path}")
     if rows.get("variants"):
         click.echo("  perturbed variants: " + ", ".join(f"{k} {v}" for k, v in rows["variants"].items()))
     if rows["shortfall"]:

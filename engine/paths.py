@@ -25,3 +25,14 @@ if not (SCHEMAS_DIR / "store.yaml").exists():
 def load_yaml(path: Path):
     """A data file of the project, parsed with libyaml's C loader when PyYAML has it (5-10x faster)."""
     return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def model_identity(model: str) -> str:
+    """The name a model's rows are recorded under (captioner, validation model, embeddings model, ...).
+
+    A local folder is named by its absolute, resolved path, so ``models/tiny``, ``./models/tiny`` and
+    ``/abs/models/tiny`` are one model and a rerun from another directory finds its rows; a hub id (or any
+    name that is not an existing path) is kept as given.
+    """
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model

@@ -98,6 +98,7 @@ class TableSpec:
     unique: tuple[str, ...] = ()
     partition: tuple[str, ...] = ()
     vectors: tuple[str, ...] = ()
+    run_as: str | None = None  # a joined table's run_id, shown in ``facts`` under this name
 
     def physical_schema(self, widths: dict[str, int]) -> pa.Schema:
         """The schema of one partition: each vector column a fixed-size list of its width."""
@@ -126,11 +127,12 @@ def table_specs() -> dict[str, TableSpec]:
             unique=tuple(body.get("unique", ())),
             partition=tuple(body.get("partition", ())),
             vectors=tuple(c["name"] for c in body["columns"] if c["type"].startswith("vector<")),
+            run_as=body.get("run_as"),
         )
     seen: dict[str, str] = {c: "samples" for c in specs["samples"].schema.names}
     for spec in specs.values():
         if spec.join:
-            for column in spec.fact_columns:
+            for column in spec.fact_columns + ([spec.run_as] if spec.run_as else []):
                 if column in seen:
                     raise ValueError(f"schemas/store.yaml: column {column!r} of {spec.name} clashes with {seen[column]}")
                 seen[column] = spec.name
@@ -285,6 +287,9 @@ class Store:
             else:
                 rows = self._drop_present(spec, path, rows)
                 if len(rows):
+                    missing = [f for f in spec.schema if f.name not in table.schema.names]
+                    if missing:  # a column schemas/store.yaml gained after the table was written: NULL for old rows
+                        table.add_columns(missing)
                     table.add(rows)
             if spec.unique:  # note our own fragment now, while no one else can commit
                 self._drop_present(spec, path, rows.slice(0, 0))
@@ -542,8 +547,14 @@ class Store:
                     con.register(name, spec.schema.empty_table())
             elif self.has(name):
                 dataset = self.dataset(name)
-                con.register(name, dataset)
                 versions[name] = dataset.version
+                if set(spec.schema.names) <= set(dataset.schema.names):
+                    con.register(name, dataset)
+                else:  # written before schemas/store.yaml gained a column: read it as NULL
+                    con.register(f"_stored_{name}", dataset)
+                    con.register(f"_declared_{name}", spec.schema.empty_table())
+                    con.execute(f"create view {name} as select * from _stored_{name} union all by name "
+                                f"select * from _declared_{name}")
             else:
                 con.register(name, spec.schema.empty_table())
         con.execute(facts_view_sql(pins or {}))
@@ -587,10 +598,10 @@ def facts_view_sql(pins: dict[str, dict]) -> str:
             if column not in spec.schema.names:
                 raise KeyError(f"facts.{name}: no column {column!r} in {name}; columns: {spec.schema.names}")
         where = " and ".join(f"{c} = {sql_literal(v)}" for c, v in pin.items()) or "true"
-        columns = ", ".join(spec.fact_columns)
+        columns = ", ".join(spec.fact_columns + ([f"run_id as {spec.run_as}"] if spec.run_as else []))
         joins.append(
             f"left join (select sample_id, {columns} from {name} where {where} "
             f"qualify row_number() over (partition by sample_id order by run_id desc) = 1) as _{name} using (sample_id)"
         )
-        selects.extend(f"_{name}.{c}" for c in spec.fact_columns)
+        selects.extend(f"_{name}.{c}" for c in spec.fact_columns + ([spec.run_as] if spec.run_as else []))
     return f"create or replace temp view facts as select {', '.join(selects)} from samples " + " ".join(joins)

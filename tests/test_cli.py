@@ -88,3 +88,38 @@ def test_export_needs_a_built_mixture_and_push_needs_a_token(sample_store, tmp_p
 def test_build_without_samples_says_what_to_do(tmp_path):
     result = run(tmp_path / "empty", *README_BUILD)
     assert result.exit_code == 2 and "run `engine ingest` first" in result.output
+
+
+# -- hardening: --quiet silences the libraries too; build summaries count variant rows ---------------------
+
+@pytest.mark.slow
+def test_quiet_silences_the_progress_bars_of_transformers_and_datasets(tmp_path, tiny_vlm):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, png, qa
+
+    features = datasets.Features({"images": datasets.List(datasets.Image()),
+                                  "texts": datasets.List({k: datasets.Value("string") for k in ("user", "assistant", "source")})})
+    rows = {"images": [[{"bytes": png(), "path": None}]] * 2, "texts": [qa("q", "a")] * 2}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "tqa"))
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # the tests' own switch off: bars as users see them
+    env["PYTHONPATH"] = str(REPO)
+    engine = [sys.executable, "-m", "engine.cli", "--store", str(tmp_path / "store")]
+    for command in (["ingest", str(tmp_path / "tqa"), "--quiet"], ["caption", "--model", tiny_vlm, "--max-new-tokens", "2", "--quiet"]):
+        done = subprocess.run(engine + command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "%|" not in done.stderr and "it/s" not in done.stderr, done.stderr  # no tqdm bar of any library
+        assert len(done.stdout.strip().splitlines()) == 1
+
+
+def test_a_build_with_perturbed_variants_says_how_many_rows_it_wrote(sample_store, tmp_path):
+    built = run(sample_store.root, "build", str(REPO / "recipes" / "cauldron_interference.yaml"), "--quiet",
+                "--set", "mixture.budget=200", "--set", f"output.path={tmp_path / 'mix'}")
+    assert built.exit_code == 0, built.output
+    rows = json.loads((tmp_path / "mix" / "manifest.json").read_text())["rows"]
+    variants = sum(n for kind, n in rows["variants"].items() if kind != "misleading_with_model_facts")
+    written = len(datasets.load_from_disk(str(tmp_path / "mix" / "hf")))
+    assert rows["total"] == 200 and variants > 0 and written == 200 + variants
+    assert built.output.startswith(f"{written} rows written: 200 samples ({rows['captioned']} captioned) + {variants} perturbed variants")

@@ -190,7 +190,8 @@ def test_caption_writes_each_row_once_and_rejects_what_it_cannot_use(small_store
     assert len({c["sample_id"] for c in captions}) == 13 == len(captions)
     assert {c["prompt_id"] for c in captions} == {"caption-v1"} and all(c["tokens"] <= 5 for c in captions)
     again = caption(small_store, backend, max_new_tokens=5, progress=False)
-    assert again.written == 0  # done rows are skipped (the rejected ones are tried again, and rejected again)
+    assert again.written == 0  # done rows are skipped, and so is the row whose stored image never decodes
+    assert (again.rejected, again.skipped_rejected) == (0, 1)
 
 
 def test_a_failed_commit_stops_the_run_and_keeps_the_earlier_commits(small_store, backend, monkeypatch):
@@ -393,3 +394,75 @@ def test_facts_cli_names_bad_sql_and_reports_counts(small_store, tiny_vlm):
     result = CliRunner().invoke(main, [*base, "--where", "true", "--per-option", "1"])
     assert result.exit_code == 0, result.output
     assert "facts for 3 of 3 options" in result.output  # vqav2 labels red/blue/green: each row's wrong one
+
+
+# -- hardening: rejects once, model identity, which answer was scored ------------------------------------
+
+def test_reruns_write_each_reject_once_and_skip_rows_whose_image_never_decodes(small_store, backend):
+    for _ in range(3):
+        caption(small_store, backend, max_new_tokens=2, progress=False)
+    runs = [validate(small_store, backend, progress=False) for _ in range(3)]
+    rejects = sorted((r["sample_id"], r["stage"], r["reason"].split(" (")[0].split(" needs")[0])
+                     for r in small_store.arrow("rejects").to_pylist())
+    assert rejects == [("cauldron:vqav2:train:12", "validate", "prompt"),  # the long question, once
+                       ("cauldron:vqav2:train:99", "caption", "image cannot be decoded")]  # once, for every stage
+    # validate never decoded row 99 again: a caption run found its image broken, and samples never change
+    assert [(r.written, r.rejected, r.skipped_rejected) for r in runs] == [(12, 1, 1), (0, 1, 1), (0, 1, 1)]
+
+
+def test_a_local_model_has_one_name_however_its_path_is_written(small_store, backend, tiny_vlm, monkeypatch):
+    from pathlib import Path
+
+    from engine.paths import model_identity
+
+    folder = Path(tiny_vlm)
+    monkeypatch.chdir(folder.parent)
+    assert model_identity(folder.name) == model_identity(f"./{folder.name}") == model_identity(str(folder)) == str(folder.resolve())
+    assert model_identity("HuggingFaceTB/SmolVLM-256M-Instruct") == "HuggingFaceTB/SmolVLM-256M-Instruct"
+    where = "sample_id in ('cauldron:vqav2:train:0', 'cauldron:vqav2:train:1')"
+    relative = load_backend(folder.name)
+    assert caption(small_store, relative, where=where, max_new_tokens=2, progress=False).written == 2
+    assert caption(small_store, backend, where=where, max_new_tokens=2, progress=False).written == 0  # same model
+    assert {c["captioner"] for c in small_store.arrow("captions").to_pylist()} == {str(folder.resolve())}
+
+
+def test_validate_records_which_answer_it_scored_and_the_report_compares_only_those(small_store, backend):
+    where = "sample_id not in ('cauldron:vqav2:train:12', 'cauldron:vqav2:train:99')"
+    assert validate(small_store, backend, where=where, progress=False).written == 12
+    assert {r["answer_run"] for r in small_store.arrow("validation").to_pylist()} == {"original"}
+    first, counts = corrupt(small_store, 0.5, where=where, seed=1, progress=False)
+    flagged = {r["sample_id"] for r in small_store.arrow("corruption").to_pylist() if r["corrupted"]}
+    assert 0 < counts["corrupted"] == len(flagged) < 12
+    # before the corrupted answers are scored, the report must not count original-answer scores as corrupted
+    text = validation_report(small_store, backend.name)
+    assert text.startswith(f"{12 - len(flagged)} rows, {12 - len(flagged)} clean, 0 corrupted")
+    assert f"left out: {len(flagged)} flagged rows" in text
+    rescored = validate(small_store, backend, where=where, corrupted=True, progress=False)
+    assert rescored.written == len(flagged)  # only the rows whose answer changed
+    new = [r for r in small_store.arrow("validation").to_pylist() if r["run_id"] == rescored.run_id]
+    assert {r["sample_id"] for r in new} == flagged and {r["answer_run"] for r in new} == {first}
+    assert validate(small_store, backend, where=where, corrupted=True, progress=False).written == 0
+    assert validate(small_store, backend, where=where, progress=False).written == 0  # originals are still scored
+    text = validation_report(small_store, backend.name)
+    assert text.startswith(f"12 rows, {12 - len(flagged)} clean, {len(flagged)} corrupted") and "left out" not in text
+    # a new corruption run: rows it corrupts were scored on other answers (the original, or the first run's)
+    corrupt(small_store, 0.5, where=where, seed=2, progress=False)
+    second = {r["sample_id"] for r in small_store.arrow("corruption").to_pylist() if r["corrupted"] and r["run_id"] > first}
+    text = validation_report(small_store, backend.name)
+    assert text.startswith(f"{12 - len(second)} rows, {12 - len(second)} clean, 0 corrupted")
+    assert validate(small_store, backend, where=where, corrupted=True, progress=False).written == len(second)
+
+
+def test_a_validation_table_from_before_answer_run_reads_as_null_and_is_rescored(small_store, backend):
+    import pyarrow as pa
+
+    old = pa.table({"sample_id": ["cauldron:vqav2:train:0"], "model": [backend.name], "ppl": [2.0], "val_ppl": [3.0],
+                    "p_no": [0.5], "run_id": ["validate-0"]})
+    small_store.db.create_table("validation", old)  # the columns this table had before answer_run
+    con, _ = small_store.connect()
+    assert con.sql("select answer_run, val_ppl from facts where sample_id = 'cauldron:vqav2:train:0'").fetchall() == [(None, 3.0)]
+    report = validate(small_store, backend, where="sample_id in ('cauldron:vqav2:train:0', 'cauldron:vqav2:train:1')",
+                      progress=False)
+    assert report.written == 2  # a score of an unknown answer is not taken as done
+    rows = sorted((r["run_id"] == "validate-0", r["answer_run"]) for r in small_store.arrow("validation").to_pylist())
+    assert rows == [(False, "original"), (False, "original"), (True, None)]

@@ -2,6 +2,7 @@
 
 import io
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -129,3 +130,177 @@ def test_store_rejects_unknown_columns(tmp_path):
     store = Store(tmp_path / "store")
     with pytest.raises(ValueError, match=r"table samples: unknown columns \['colour'\]"):
         store.append("samples", pa.table({"sample_id": ["x"], "colour": ["red"]}))
+
+
+# -- hardening: image paths, text encodings, image modes ----------------------------------------------------
+
+def _noise_png(width: int, height: int) -> bytes:
+    """A PNG that does not compress: its size in bytes is about 3 x width x height."""
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _path_rows(path: Path, items: list[dict]) -> None:
+    from conftest import IMAGES, TEXTS
+    import pyarrow.parquet as pq
+
+    table = pa.table({"images": pa.array([[item] for item in items], IMAGES),
+                      "texts": pa.array([qa(f"q{i}", f"a{i}") for i in range(len(items))], TEXTS)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def test_image_paths_are_read_only_from_regular_files_within_the_size_cap(tmp_path):
+    import os
+
+    (tmp_path / "big.png").write_bytes(_noise_png(700, 700))  # ~1.5 MB, a valid image
+    (tmp_path / "small.png").write_bytes(png(10, 10))
+    os.mkfifo(tmp_path / "fifo")  # opening it for reading would wait for a writer forever
+    (tmp_path / "folder").mkdir()
+    items = [{"bytes": None, "path": p} for p in
+             ("/dev/zero", str(tmp_path / "fifo"), str(tmp_path / "folder"), str(tmp_path / "big.png"),
+              str(tmp_path / "missing.png"), str(tmp_path / "small.png"))]
+    items.append({"bytes": _noise_png(700, 700), "path": None})  # the cap holds for inline bytes too
+    _path_rows(tmp_path / "src" / "vqav2" / "train-00000-of-00001.parquet", items)
+    store = Store(tmp_path / "store")
+    report = ingest(store, ParquetFolderSource(tmp_path / "src"), progress=False, max_image_bytes=1 << 20)
+    assert (report.written, report.rejected) == (1, 6)
+    assert store.ids("samples") == {"cauldron:vqav2:train:5"}
+    reasons = {int(r["sample_id"].rsplit(":", 1)[1]): r["reason"] for r in store.arrow("rejects").to_pylist()}
+    assert reasons[0] == "image 0: image path '/dev/zero' is not a regular file"
+    assert reasons[1] == f"image 0: image path '{tmp_path / 'fifo'}' is not a regular file"
+    assert reasons[2] == f"image 0: image path '{tmp_path / 'folder'}' is not a regular file"
+    size = (tmp_path / "big.png").stat().st_size
+    assert reasons[3] == f"image 0: image file '{tmp_path / 'big.png'}' has {size} bytes, more than the limit of 1048576"
+    assert reasons[4].startswith(f"image 0: image file '{tmp_path / 'missing.png'}' cannot be read (No such file")
+    assert reasons[6].startswith("image 0: image has ") and reasons[6].endswith("more than the limit of 1048576")
+
+
+def test_the_image_size_cap_is_a_flag_and_an_environment_variable(tmp_path):
+    from click.testing import CliRunner
+
+    from engine.cli import main
+
+    (tmp_path / "big.png").write_bytes(_noise_png(700, 700))
+    _path_rows(tmp_path / "src" / "vqav2" / "train-00000-of-00001.parquet",
+               [{"bytes": None, "path": str(tmp_path / "big.png")}])
+    runner = CliRunner()
+    store = ["--store", str(tmp_path / "store")]
+    capped = runner.invoke(main, [*store, "ingest", str(tmp_path / "src"), "--quiet"], env={"ENGINE_MAX_IMAGE_MB": "1"})
+    assert capped.exit_code == 0 and "0 rows written, 1 rejected" in capped.output
+    assert "more than the limit of 1048576" in capped.output
+    other = ["--store", str(tmp_path / "store2")]
+    allowed = runner.invoke(main, [*other, "ingest", str(tmp_path / "src"), "--quiet", "--max-image-mb", "2"])
+    assert allowed.exit_code == 0 and "1 rows written, 0 rejected" in allowed.output
+    assert '"max_image_bytes": 2097152' in Store(tmp_path / "store2").arrow("runs").column("config")[0].as_py()
+
+
+def _invalid_utf8_parquet(path: Path, users: list[bytes]) -> None:
+    """Cauldron rows whose user texts are the given bytes, written as strings without validation."""
+    import pyarrow.parquet as pq
+
+    user = pa.array(users, pa.binary()).view(pa.string())
+    other = pa.array([f"a{i}" for i in range(len(users))], pa.string())
+    turns = pa.StructArray.from_arrays([user, other, other], ["user", "assistant", "source"])
+    texts = pa.ListArray.from_arrays(pa.array(range(len(users) + 1), pa.int32()), turns)
+    from conftest import IMAGES
+
+    images = pa.array([[{"bytes": png(), "path": None}]] * len(users), IMAGES)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"images": images, "texts": texts}), path)
+
+
+def test_a_row_with_invalid_utf8_text_is_rejected_and_the_rest_ingested(tmp_path):
+    _invalid_utf8_parquet(tmp_path / "src" / "vqav2" / "train-00000-of-00001.parquet",
+                          [b"first", b"caf\xe9 in latin-1", "third \u00e9".encode()])
+    store = Store(tmp_path / "store")
+    report = ingest(store, ParquetFolderSource(tmp_path / "src"), progress=False)
+    assert (report.written, report.rejected) == (2, 1)
+    assert store.ids("samples") == {"cauldron:vqav2:train:0", "cauldron:vqav2:train:2"}
+    rejects = store.arrow("rejects").to_pylist()
+    assert [(r["sample_id"], r["reason"]) for r in rejects] == [
+        ("cauldron:vqav2:train:1", "text is not valid UTF-8 (column texts)")]
+    again = ingest(store, ParquetFolderSource(tmp_path / "src"), progress=False)
+    assert (again.written, again.rejected, again.skipped) == (0, 0, 3)
+
+
+def test_a_16_bit_greyscale_png_keeps_its_tones_when_downscaled_or_not():
+    import numpy as np
+
+    for width, height in ((2000, 1600), (300, 200)):
+        ramp = np.tile(np.linspace(0, 65535, width), (height, 1)).astype(np.uint16)  # black to white, left to right
+        out = io.BytesIO()
+        Image.fromarray(ramp).save(out, format="PNG")
+        assert Image.open(io.BytesIO(out.getvalue())).mode == "I;16"
+        data, w, h = standardize(out.getvalue())
+        pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(float)
+        assert (w, h) == fit_size(width, height) and pixels.shape[:2] == (h, w)
+        assert (pixels == 255).all(-1).mean() < 0.01  # not washed out to white
+        assert abs(pixels.mean() - 127.5) < 2
+        assert pixels[:, 0].mean() < 3 and pixels[:, -1].mean() > 252
+
+
+def test_an_exif_rotated_jpeg_is_stored_upright():
+    import numpy as np
+
+    for width, height in ((20, 40), (1000, 3000)):
+        upright = Image.new("RGB", (width, height), (220, 20, 20))
+        upright.paste((20, 20, 220), (0, height // 2, width, height))  # top red, bottom blue
+        stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote ...
+        exif = Image.Exif()
+        exif[0x0112] = 6  # ... and the tag that says "turn me 90 degrees clockwise"
+        out = io.BytesIO()
+        stored.save(out, format="JPEG", quality=95, exif=exif)
+        data, w, h = standardize(out.getvalue())
+        expected = fit_size(width, height)
+        assert (w, h) == expected and expected[1] > expected[0]
+        pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+        assert pixels.shape[:2] == (expected[1], expected[0])
+        top, bottom = pixels[: h // 4].mean((0, 1)), pixels[-h // 4 :].mean((0, 1))
+        assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]
+
+
+def test_an_unreachable_hub_is_one_line_that_says_how_to_ingest_a_local_copy(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from engine.cli import main
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no cached copy to fall back on
+    # the tests run with HF_HUB_OFFLINE=1: what the hub client does without network
+    result = CliRunner().invoke(main, ["--store", str(tmp_path / "store"), "ingest", "HuggingFaceM4/the_cauldron",
+                                       "--subset", "ai2d", "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach the Hugging Face hub for 'HuggingFaceM4/the_cauldron'")
+    assert "engine ingest FOLDER" in lines[0] and "train-*.parquet" in lines[0]
+    assert not (tmp_path / "store" / "samples.lance").exists()
+
+
+def test_a_refused_connection_in_the_middle_of_a_stream_is_the_same_one_line(monkeypatch):
+    import datasets
+    httpx2 = pytest.importorskip("httpx2")  # huggingface_hub's HTTP client
+
+    from engine.ingest.cauldron import HubSource, HubUnreachable
+
+    class Stream:
+        def cast_column(self, *args):
+            return self
+
+        def with_format(self, *args):
+            return self
+
+        features = {}
+
+        def iter(self, batch_size):
+            raise RuntimeError("reading a shard failed") from httpx2.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: Stream())
+    with pytest.raises(HubUnreachable, match=r"cannot reach the Hugging Face hub for 'owner/data' \(RuntimeError\)"):
+        list(HubSource("owner/data", subsets=["ai2d"]).rows())
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: (_ for _ in ()).throw(KeyError("no such split")))
+    with pytest.raises(KeyError):  # anything else is not dressed up as a network problem
+        list(HubSource("owner/data", subsets=["ai2d"]).rows())

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from engine.paths import model_identity
+
 
 @dataclass
 class Request:
@@ -100,7 +102,7 @@ class TransformersBackend(Backend):
             sentence = " ".join(str(error).split()).split(". ")[0].rstrip(".")
             raise RuntimeError(f"cannot load model {model!r}: {sentence} (install the missing package)") from None
         self.processor.tokenizer.padding_side = "left"  # decoder-only batching
-        self.name, self.device = model, device
+        self.name, self.device = model_identity(model), device  # one name per model, however it is spelled
         self.model_seconds = self.prepare_seconds = 0.0
         self.trims_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
@@ -199,7 +201,7 @@ class VLLMBackend(Backend):
         self.processor = AutoProcessor.from_pretrained(model)
         self.llm = LLM(model=model, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                        limit_mm_per_prompt={"image": 4}, dtype=dtype)
-        self.name = model
+        self.name = model_identity(model)
         self.model_seconds = self.prepare_seconds = 0.0
 
     @property

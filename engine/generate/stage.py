@@ -1,6 +1,7 @@
 """The shared mechanism of the model-driven stages (caption, validate, corrupt with a model): choose rows
-in SQL, skip the ids a previous run finished, decode images once, run the backend in batches, commit each
-batch's rows (and the rejects: undecodable images, prompts longer than the model's context), and account
+in SQL, skip the ids a previous run finished (and those rejected before for a reason no rerun can change),
+decode images once, run the backend in batches, commit each batch's rows (and the rejects: undecodable
+images, prompts longer than the model's context, each written once; see ``engine.rejects``), and account
 for time spent inside the model versus around it."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from engine.generate.backends import Backend, PromptTooLong, Request, decode_images
 from engine.paths import RECIPES_DIR, load_yaml
 from engine.hashing import hash_u64_sql, tier_threshold
+from engine.rejects import RejectLog, permanently_rejected
 from engine.store import Store, new_run_id
 
 
@@ -42,8 +44,9 @@ def selection_sql(where: str | None = None, gate: bool = False, tier: float | No
 class Selection:
     """The rows a stage works on (no images: those are read batch by batch, in bounded memory)."""
 
-    rows: pa.Table  # sample_id, pos, subset, label, question, answer
+    rows: pa.Table  # sample_id, pos, subset, label, question, answer, answer_run
     dataset: object  # the samples dataset the positions refer to
+    skipped_rejected: int = 0  # chosen rows left out: rejected before for a reason no rerun can change
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -68,24 +71,41 @@ class Selection:
         for row in chunk.append_column("images", images).to_pylist():
             try:
                 loaded.append((row, decode_images(row.pop("images") or []), None))
+            except MemoryError:  # the machine's state, not the image's: must not reject the row for good
+                raise
             except Exception as error:  # PIL raises many types for a broken image
                 loaded.append((row, None, error))
         return loaded
 
 
-def select_rows(store: Store, condition: str, done: set[str], limit: int | None = None, corrupted: bool = False) -> Selection:
-    """The chosen rows not yet done: id, storage position, subset, label, first-turn question and answer.
-    With ``corrupted``, a row flagged by the newest corruption run carries its replaced answer."""
+def select_rows(store: Store, condition: str, done: set, limit: int | None = None, corrupted: bool = False) -> Selection:
+    """The chosen rows not yet done: id, storage position, subset, label, first-turn question and answer,
+    and ``answer_run``: which answer that is, ``'original'`` or the corrupt run whose replaced answer it is.
+
+    With ``corrupted``, a row flagged by the newest corruption run carries its replaced answer. ``done``
+    holds the ids finished before, or ``(id, answer_run)`` pairs for a stage that scores answers (a row
+    scored on another answer is not done). Rows a stage rejected before for a reason no rerun can change
+    (an image that does not decode) are left out and counted in ``skipped_rejected``.
+    """
     con, versions = store.connect()
     dataset = store.positioned(con, versions.get("samples"))
-    answer = "case when coalesce(corrupted, false) then replaced else turns[1].assistant end" if corrupted else "turns[1].assistant"
+    flagged = "coalesce(corrupted, false)"
+    if corrupted:
+        answer = f"case when {flagged} then replaced else turns[1].assistant end"
+        answer_run = f"case when {flagged} then corruption_run else 'original' end"
+    else:
+        answer, answer_run = "turns[1].assistant", "'original'"
     table = con.sql(
-        f"""select f.sample_id, p.pos, f.subset, f.label, f.turns[1].user as question, {answer} as answer
+        f"""select f.sample_id, p.pos, f.subset, f.label, f.turns[1].user as question, {answer} as answer,
+        {answer_run} as answer_run
         from facts f join sample_positions p using (sample_id) where {condition} order by f.sample_id"""
     ).to_arrow_table()
-    keep = pa.array([sid not in done for sid in table.column("sample_id").to_pylist()])
-    table = table.filter(keep)
-    return Selection(table.slice(0, limit) if limit is not None else table, dataset)
+    rejected = permanently_rejected(store)
+    ids, runs = table.column("sample_id").to_pylist(), table.column("answer_run").to_pylist()
+    keep = [sid not in done and (sid, run) not in done for sid, run in zip(ids, runs)]
+    skipped = sum(1 for sid, wanted in zip(ids, keep) if wanted and sid in rejected)
+    table = table.filter(pa.array([wanted and sid not in rejected for sid, wanted in zip(ids, keep)]))
+    return Selection(table.slice(0, limit) if limit is not None else table, dataset, skipped)
 
 
 @dataclass
@@ -97,6 +117,7 @@ class StageReport:
     model_seconds: float = 0.0
     prepare_seconds: float = 0.0  # in the model's input processor (chat template, tokenising, image preprocessing)
     reasons: dict[str, int] = field(default_factory=dict)
+    skipped_rejected: int = 0  # rows not tried again: rejected before for a reason no rerun can change
 
     @property
     def samples_per_second(self) -> float:
@@ -121,7 +142,8 @@ def run_stage(store: Store, backend: Backend, stage: str, table: str, rows: Sele
 
     ``build_request(row, images)`` makes the prompt; ``process(rows, requests)`` returns the table rows.
     """
-    report = StageReport(run_id=new_run_id(stage))
+    report = StageReport(run_id=new_run_id(stage), skipped_rejected=rows.skipped_rejected)
+    log = RejectLog(store, stage)  # each (sample, stage, reason) is written once, however often it recurs
     started = dt.datetime.now(dt.timezone.utc)
     clock = time.perf_counter()
     model_before, prepare_before = backend.model_seconds, backend.prepare_seconds
@@ -145,8 +167,9 @@ def run_stage(store: Store, backend: Backend, stage: str, table: str, rows: Sele
         """Hand the pending rows to the writer thread once the previous commit has landed: the model keeps
         working while they are written, and memory stays bounded."""
         land()
-        if pending or rejects:
-            in_flight.append(writer.submit(write, pending.copy(), rejects.copy()))
+        fresh = log.new(rejects)
+        if pending or fresh:
+            in_flight.append(writer.submit(write, pending.copy(), fresh))
         pending.clear()
         rejects.clear()
 

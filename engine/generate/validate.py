@@ -19,9 +19,14 @@ def validate(store: Store, backend: Backend, where: str | None = None, limit: in
     """PPL of each row's first answer given image and question, and Val_PPL: the perplexity of the model
     answering the template's target ("No") when asked whether that answer is wrong. With ``corrupted``,
     rows flagged by the newest corruption run are scored with their corrupted answer (the split as an
-    experiment's model sees it)."""
+    experiment's model sees it).
+
+    Each score records the answer it was given (``answer_run``: ``'original'`` or the corrupt run), and a
+    row counts as done only when this model has scored the answer it would be given now: after a new
+    corruption run, or when switching between original and corrupted answers, the changed rows are scored
+    again (appended; the older scores stay, each labelled with its answer)."""
     template = prompts()["validation"]
-    done = store.ids("validation", f"model = {sql_literal(backend.name)}")
+    done = scored_answers(store, backend.name)
     rows = select_rows(store, selection_sql(where), done, limit, corrupted)
 
     def process(batch: list[dict], requests: list[Request]) -> list[dict]:
@@ -37,12 +42,21 @@ def validate(store: Store, backend: Backend, where: str | None = None, limit: in
             raise PromptTooLong(rows, error.context) from None
         answers, verdicts = scores[: len(batch)], scores[len(batch) :]
         return [{"sample_id": row["sample_id"], "model": backend.name, "ppl": perplexity(a), "val_ppl": perplexity(v),
-                 "p_no": math.exp(v[0])} for row, a, v in zip(batch, answers, verdicts)]
+                 "p_no": math.exp(v[0]), "answer_run": row["answer_run"]} for row, a, v in zip(batch, answers, verdicts)]
 
     config = {"model": backend.name, "template_id": template["id"], "where": where, "limit": limit,
               "batch_size": batch_size, "corrupted_answers": corrupted}
     return run_stage(store, backend, "validate", "validation", rows,
                      lambda row, images: Request(images, row["question"]), process, batch_size, config, progress, commit_rows)
+
+
+def scored_answers(store: Store, model: str) -> set[tuple[str, str]]:
+    """The (sample_id, answer_run) pairs ``model`` has scored (scores from before answers were recorded have
+    none, so they count as scored on an unknown answer)."""
+    con, _ = store.connect()
+    rows = con.execute("select distinct sample_id, answer_run from validation where model = ? and answer_run is not null",
+                       [model]).fetchall()
+    return {(sample_id, answer_run) for sample_id, answer_run in rows}
 
 
 def precision_recall(scores: np.ndarray, clean: np.ndarray, percentiles=range(1, 101)) -> dict[str, np.ndarray]:
@@ -63,20 +77,34 @@ def precision_recall(scores: np.ndarray, clean: np.ndarray, percentiles=range(1,
 
 
 def validation_report(store: Store, model: str, plot_path: str | None = None, corruption_run: str | None = None) -> str:
-    """Table (and optional PNG plot) of precision/recall for PPL and Val_PPL on the rows that have both a
-    validation score from ``model`` and a corruption flag."""
+    """Table (and optional PNG plot) of precision/recall for PPL and Val_PPL on the rows that have a
+    corruption flag and a validation score from ``model`` of the answer that flag describes: the replaced
+    answer of the flagging run for a corrupted row, the original answer for a clean one. Rows scored only
+    on another answer are left out, and counted."""
     con, _ = store.connect({"corruption": {"run_id": corruption_run}} if corruption_run else None)
+    flagged_answer = "case when f.corrupted then f.corruption_run else 'original' end"
     rows = con.execute(
-        f"""select v.ppl, v.val_ppl, coalesce(f.corrupted, false) from validation v join facts f using (sample_id)
-        where v.model = {sql_literal(model)} and f.corrupted is not null"""
+        f"""with scores as (select sample_id, ppl, val_ppl, answer_run from validation where model = {sql_literal(model)}
+                            qualify row_number() over (partition by sample_id, answer_run order by run_id desc) = 1),
+        flagged as (select f.sample_id, f.corrupted, {flagged_answer} as answer_run from facts f where f.corrupted is not null)
+        select s.ppl, s.val_ppl, f.corrupted, s.answer_run = f.answer_run as matches
+        from flagged f join scores s using (sample_id)
+        qualify row_number() over (partition by f.sample_id order by s.answer_run = f.answer_run desc) = 1"""
     ).fetchall()
-    if not rows:
-        raise LookupError(f"no rows with both a validation score from {model!r} and a corruption flag; run `engine corrupt` and `engine validate`")
-    ppl, val_ppl, corrupted = (np.array(c) for c in zip(*rows))
+    used = [row for row in rows if row[3]]
+    other = len(rows) - len(used)
+    if not used:
+        hint = (f"; {other} flagged rows were scored on other answers: rerun `engine validate --corrupted`" if other else "")
+        raise LookupError(f"no rows with both a corruption flag and a validation score from {model!r} of the answer that flag "
+                          f"describes; run `engine corrupt` and `engine validate --corrupted`{hint}")
+    ppl, val_ppl, corrupted = (np.array(c) for c in list(zip(*used))[:3])
     clean = ~corrupted.astype(bool)
     curves = {"PPL": precision_recall(ppl, clean), "Val_PPL": precision_recall(val_ppl, clean)}
-    lines = [f"{len(rows)} rows, {int(clean.sum())} clean, {int((~clean).sum())} corrupted ({(~clean).mean():.0%})",
-             f"{'percentile':>10} " + " ".join(f"{name + ' ' + m:>18}" for name in curves for m in ("precision", "recall"))]
+    lines = [f"{len(used)} rows, {int(clean.sum())} clean, {int((~clean).sum())} corrupted ({(~clean).mean():.0%})"]
+    if other:
+        lines.append(f"left out: {other} flagged rows scored by {model} only on another answer than the flag describes "
+                     f"(rerun `engine validate --corrupted` to score them)")
+    lines.append(f"{'percentile':>10} " + " ".join(f"{name + ' ' + m:>18}" for name in curves for m in ("precision", "recall")))
     for index in (0, 4, 9, 24, 49, 74, 99):
         cells = " ".join(f"{curves[n][m][index]:>18.3f}" for n in curves for m in ("precision", "recall"))
         lines.append(f"{curves['PPL']['percentile'][index]:>10} {cells}")

@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.categories import subset_mapping
+from engine.images import MAX_IMAGE_BYTES
 from engine.ingest.base import IngestReport, RawRow, Source, ingest
 from engine.ingest.cauldron import ParquetFolderSource, open_source
 from engine.ingest.easyvqa import EasyVQASource
@@ -29,13 +30,15 @@ def resolve_source(spec: str, name: str | None = None, subsets: list[str] | None
     return open_source(spec, name or "cauldron", subsets, split)
 
 
-def ingest_sample(store: Store, folder: str | Path = DEFAULT_SAMPLE_DIR, scale: float = 1.0, progress: bool = True) -> IngestReport:
+def ingest_sample(store: Store, folder: str | Path = DEFAULT_SAMPLE_DIR, scale: float = 1.0, progress: bool = True,
+                  max_image_bytes: int = MAX_IMAGE_BYTES) -> IngestReport:
     """Write the bundled sample (if ``folder`` has none yet), ingest it as source ``sample`` and load its
     annotation captions into ``captions`` (captioner ``sample-annotations``)."""
     folder = Path(folder)
     if not (folder / "captions.parquet").exists():
         write_sample(folder, scale=scale)
-    report = ingest(store, ParquetFolderSource(folder / "data", name=SAMPLE_SOURCE), progress=progress)
+    report = ingest(store, ParquetFolderSource(folder / "data", name=SAMPLE_SOURCE), progress=progress,
+                    max_image_bytes=max_image_bytes)
     started = dt.datetime.now(dt.timezone.utc)
     raw = pq.read_table(folder / "captions.parquet")
     ids = pc.binary_join_element_wise(

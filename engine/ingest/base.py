@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from engine.categories import subset_mapping
-from engine.images import ImageError, standardize
+from engine.images import MAX_IMAGE_BYTES, ImageError, read_image_file, standardize
+from engine.rejects import RejectLog
 from engine.sql import sql_literal
 from engine.store import Store, new_run_id
 
@@ -21,7 +22,9 @@ class RawRow:
     """A row as a source delivers it, before checks.
 
     ``images`` holds encoded bytes, or Hugging Face image dicts ``{"bytes": ..., "path": ...}``;
-    ``texts`` holds Cauldron turns ``{"user", "assistant", "source"}``.
+    ``texts`` holds Cauldron turns ``{"user", "assistant", "source"}``. ``error`` is set (and the
+    rest left empty) when the source could not read the row at all, e.g. text that is not valid UTF-8:
+    the row is rejected with it as the reason, and the rows around it are ingested.
     """
 
     subset: str
@@ -30,6 +33,7 @@ class RawRow:
     images: list
     texts: list
     label: str | None = None
+    error: str | None = None
 
 
 class Source(ABC):
@@ -58,29 +62,30 @@ class RowError(ValueError):
     """A row that cannot be ingested; the message is its reject reason."""
 
 
-def _image_bytes(item, index: int) -> bytes | None:
+def _image_bytes(item, max_bytes: int) -> bytes | None:
+    """The encoded bytes of an image item; a ``path`` is read only if it is a regular file within the cap."""
     if isinstance(item, dict):
         if item.get("bytes"):
             return item["bytes"]
         if item.get("path"):
-            try:
-                with open(item["path"], "rb") as handle:
-                    return handle.read()
-            except OSError as error:
-                raise RowError(f"image {index} cannot be read from {item['path']!r} ({error})") from None
+            return read_image_file(item["path"], max_bytes)
         return None
     return item
 
 
-def check_row(raw: RawRow) -> dict:
-    """Turn a raw row into the columns of ``samples`` (without ids), or raise ``RowError`` saying why not."""
+def check_row(raw: RawRow, max_image_bytes: int = MAX_IMAGE_BYTES) -> dict:
+    """Turn a raw row into the columns of ``samples`` (without ids), or raise ``RowError`` saying why not.
+
+    ``max_image_bytes`` caps each encoded image (read from a path or given as bytes)."""
+    if raw.error:
+        raise RowError(raw.error)
     if not raw.images:
         raise RowError("row has no image")
     images = []
     sizes = []
     for index, item in enumerate(raw.images):
         try:
-            data, width, height = standardize(_image_bytes(item, index))
+            data, width, height = standardize(_image_bytes(item, max_image_bytes), max_image_bytes)
         except ImageError as error:
             raise RowError(f"image {index}: {error}") from None
         images.append(data)
@@ -114,7 +119,8 @@ class IngestReport:
 
 
 def ingest(
-    store: Store, source: Source, batch_rows: int = 512, batch_bytes: int = 256 << 20, progress: bool = True
+    store: Store, source: Source, batch_rows: int = 512, batch_bytes: int = 256 << 20, progress: bool = True,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> IngestReport:
     """Ingest a source into the store in committed batches.
 
@@ -126,11 +132,15 @@ def ingest(
     batch_rows, batch_bytes
         A Lance commit happens at whichever comes first: the most work a kill can lose, and the bound
         on memory.
+    max_image_bytes
+        The most bytes one encoded image may have; a larger one (or an image path that is not a regular
+        file) rejects its row.
     """
     report = IngestReport(run_id=new_run_id("ingest"))
     started = dt.datetime.now(dt.timezone.utc)
     source_is = f"source = {sql_literal(source.name)}"
-    done = store.ids("samples", source_is) | store.ids("rejects", f"{source_is} AND stage = 'ingest'")
+    log = RejectLog(store, "ingest", source_is)  # rejects once (engine.rejects), shared with the model stages
+    done = store.ids("samples", source_is) | log.ids
     mapping = subset_mapping()
     samples: list[dict] = []
     rejects: list[dict] = []
@@ -140,8 +150,9 @@ def ingest(
         nonlocal pending_bytes
         pending_bytes = 0
         # rejects first: if the kill falls between the two commits, the good rows are simply redone
-        if rejects:
-            store.append("rejects", rejects)
+        fresh = log.new(rejects)
+        if fresh:
+            store.append("rejects", fresh)
         if samples:
             store.append("samples", samples)
         samples.clear()
@@ -155,7 +166,7 @@ def ingest(
             continue
         ids = {"sample_id": sample_id, "source": source.name, "subset": raw.subset, "split": raw.split}
         try:
-            columns = check_row(raw)
+            columns = check_row(raw, max_image_bytes)
         except RowError as error:
             rejects.append({**ids, "stage": "ingest", "reason": str(error), "run_id": report.run_id})
             report.rejected += 1
@@ -181,5 +192,5 @@ def ingest(
             flush()
     flush()
     store.compact("samples")
-    store.record_run(report.run_id, "ingest", source.config(), started, report.written)
+    store.record_run(report.run_id, "ingest", {**source.config(), "max_image_bytes": max_image_bytes}, started, report.written)
     return report

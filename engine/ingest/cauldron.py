@@ -6,8 +6,10 @@ folder of Parquet files (``{subset}/{split}-*.parquet``, as the hub stores them)
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.ingest.base import RawRow, Source
@@ -15,8 +17,34 @@ from engine.ingest.base import RawRow, Source
 READ_BATCH = 64
 
 
-def _rows_of(batch_rows: list[dict], subset: str, split: str, start: int) -> Iterator[RawRow]:
-    for offset, row in enumerate(batch_rows):
+def _records(batch: pa.RecordBatch | pa.Table) -> list[dict | str]:
+    """The rows of an Arrow batch as dicts. A row Python cannot read (a string that is not valid UTF-8)
+    comes back as the reason instead, so that one bad row is rejected rather than failing its batch."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    records: list[dict | str] = []
+    for index in range(batch.num_rows):  # only for a batch that holds a bad row
+        row = batch.slice(index, 1)
+        try:
+            records.append(row.to_pylist()[0])
+        except UnicodeDecodeError:
+            bad = []
+            for name in row.column_names:
+                try:
+                    row.column(name).to_pylist()
+                except UnicodeDecodeError:
+                    bad.append(name)
+            records.append(f"text is not valid UTF-8 (column {', '.join(bad)})")
+    return records
+
+
+def _rows_of(batch: pa.RecordBatch | pa.Table, subset: str, split: str, start: int) -> Iterator[RawRow]:
+    for offset, row in enumerate(_records(batch)):
+        if isinstance(row, str):
+            yield RawRow(subset=subset, split=split, row=start + offset, images=[], texts=[], error=row)
+            continue
         yield RawRow(
             subset=subset,
             split=split,
@@ -25,6 +53,25 @@ def _rows_of(batch_rows: list[dict], subset: str, split: str, start: int) -> Ite
             texts=row.get("texts") or [],
             label=row.get("label"),
         )
+
+
+class HubUnreachable(ConnectionError):
+    """The Hugging Face hub could not be reached; the message says how to ingest a local copy instead."""
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether an error, or one it was raised from, means the hub could not be reached (no network,
+    offline mode, a refused connection, a time-out) rather than, say, a dataset that does not exist."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (ConnectionError, TimeoutError)):
+            return True
+        # huggingface_hub's HTTP client (httpx, or its fork httpx2): a TransportError is a failure to talk
+        # to the server at all; matched by name so that neither package has to be imported here
+        if any(k.__name__ == "TransportError" and k.__module__.split(".")[0].startswith("httpx") for k in type(seen).__mro__):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class ParquetFolderSource(Source):
@@ -70,7 +117,7 @@ class ParquetFolderSource(Source):
                 raise ValueError(f"{path}: not in the Cauldron schema, missing column(s) {sorted(missing)}")
             for batch in handle.iter_batches(batch_size=READ_BATCH, columns=wanted):
                 start = counters.get(subset, 0)
-                yield from _rows_of(batch.to_pylist(), subset, self.split, start)
+                yield from _rows_of(batch, subset, self.split, start)
                 counters[subset] = start + batch.num_rows
 
 
@@ -87,7 +134,8 @@ class HubSource(Source):
         if self.local:
             self.subsets = subsets or [Path(location).name]
         else:
-            self.subsets = subsets or datasets.get_dataset_config_names(location)
+            with self._reaching_the_hub():
+                self.subsets = subsets or datasets.get_dataset_config_names(location)
 
     def config(self) -> dict:
         return {"source": self.name, "location": self.location, "subsets": self.subsets, "split": self.split}
@@ -102,19 +150,36 @@ class HubSource(Source):
             dataset = datasets.load_dataset(self.location, subset, split=self.split, streaming=True)
         if "images" in dataset.features:  # read encoded bytes, decode ourselves (and reject what fails)
             dataset = dataset.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))
-        return dataset
+        return dataset.with_format("arrow")  # Arrow batches: a row with bad text is rejected alone
+
+    @contextmanager
+    def _reaching_the_hub(self):
+        """Turn the many errors of an unreachable hub (offline mode, refused connections, time-outs, at
+        any point of a stream) into one ``HubUnreachable`` that says how to ingest a local copy instead."""
+        if self.local:
+            yield
+            return
+        try:
+            yield
+        except Exception as error:
+            if not _unreachable(error):
+                raise
+            raise HubUnreachable(
+                f"cannot reach the Hugging Face hub for {self.location!r} ({type(error).__name__}); without network, "
+                f"copy its Parquet files ({{subset}}/{self.split}-*.parquet) or a `save_to_disk` folder to this machine "
+                f"and run `engine ingest FOLDER`"
+            ) from None
 
     def rows(self) -> Iterator[RawRow]:
         for subset in self.subsets:
             row = 0
-            for batch in self._open(subset).iter(batch_size=READ_BATCH):
-                columns = list(batch)
-                missing = {"images", "texts"} - set(columns)
-                if missing:
-                    raise ValueError(f"{self.location} [{subset}]: not in the Cauldron schema, missing {sorted(missing)}")
-                records = [dict(zip(columns, values)) for values in zip(*batch.values())]
-                yield from _rows_of(records, subset, self.split, row)
-                row += len(records)
+            with self._reaching_the_hub():
+                for batch in self._open(subset).iter(batch_size=READ_BATCH):
+                    missing = {"images", "texts"} - set(batch.column_names)
+                    if missing:
+                        raise ValueError(f"{self.location} [{subset}]: not in the Cauldron schema, missing {sorted(missing)}")
+                    yield from _rows_of(batch, subset, self.split, row)
+                    row += batch.num_rows
 
 
 def open_source(location: str, name: str = "cauldron", subsets: list[str] | None = None, split: str = "train") -> Source:
