@@ -240,6 +240,25 @@ def test_mi_gate_needs_positive_finite_u_v_and_breaks_ties_by_sample_id(multi_tu
     assert sorted(r["sample_id"][-1] for r in rows_of(tmp_path / "out") if r["captioned"]) == ["3", "4"]
 
 
+@pytest.mark.parametrize("basis", ["dataset", "valid"])
+def test_engine_gate_and_the_recipe_mode_pick_the_same_rows(multi_turn_store, tmp_path, basis):
+    from engine.interactions import gate
+
+    values = {i: (0.1 * (i % 3), 0.05 * i, 0.02 * i, 0.3 if i == 8 else 0.0) for i in range(10)}
+    values[4] = (0.0, 0.45, 0.0, 0.0)  # ties with row 9's u_v
+    scored(multi_turn_store, values, "score-1")
+    multi_turn_store.append("captions", [
+        {"sample_id": f"cauldron:vqav2:train:{i}", "captioner": "cap", "prompt_id": "p", "caption": "c", "run_id": "caption-1"}
+        for i in range(6, 10)])
+    _, plan = gate(multi_turn_store, 0.5, basis, where="true")
+    con, _ = multi_turn_store.connect()
+    by_gate = [r[0] for r in con.execute("select sample_id from facts where gate_selected order by 1").fetchall()]
+    recipe = load_recipe(recipe_file(tmp_path, f"{{mode: mi_gate, tau: 0.5, basis: {basis}, captioner: cap}}"))
+    manifest = build(multi_turn_store, recipe, progress=False).manifest
+    assert manifest["plan"]["mi_gate"] == plan.record()
+    assert sorted(r["sample_id"] for r in rows_of(tmp_path / "out") if r["captioned"]) == by_gate and by_gate
+
+
 def test_mi_gate_without_a_score_run_fails_with_one_line(multi_turn_store, tmp_path):
     with pytest.raises(BuildError, match="no finished score run in the store; run `engine score` first"):
         build(multi_turn_store, load_recipe(recipe_file(tmp_path, "{mode: mi_gate, tau: 0.3, captioner: cap}")), progress=False)
