@@ -126,12 +126,14 @@ def score(ctx, image_model, text_model, where, device, seed, entropy_max_rows, a
     except (LookupError, ValueError) as error:
         raise Fail(str(error)) from None
     click.echo(f"run {run_id}: {len(result.dominant)} samples scored (nats; adjust {adjust} recorded for the gate)")
-    click.echo(f"  {'fold':<6}{'rows':>8}  {'raw:':<5}{'R':>8}{'U_V':>8}{'U_T':>8}{'S':>8}   {'RUS-adjusted:':<14}{'R':>8}{'U_V':>8}{'U_T':>8}{'S':>8}{'c':>8}")
+    names = "".join(f"{t:>10}" for t in ("R", "U_V", "U_T", "S"))
+    click.echo(f"  {'':<14}{'raw':^40}  {'RUS-adjusted (the paper)':^50}")
+    click.echo(f"  {'fold':<6}{'rows':>8}{names}  {names}{'c':>10}")
     rows = {**result.info["rows"], "all": len(result.dominant)}
     for fold, figures in result.info["rus"].items():
-        raw = "".join(f"{figures['raw'][t]:>8.3f}" for t in ("r", "u_v", "u_t", "s"))
-        rus = "".join(f"{figures['rus'][t]:>8.3f}" for t in ("r", "u_v", "u_t", "s"))
-        click.echo(f"  {fold:<6}{rows[fold]:>8}  {'':<5}{raw}   {'':<14}{rus}{figures['constant']:>8.3f}")
+        raw = "".join(f"{figures['raw'][t]:>10.3f}" for t in ("r", "u_v", "u_t", "s"))
+        rus = "".join(f"{figures['rus'][t]:>10.3f}" for t in ("r", "u_v", "u_t", "s"))
+        click.echo(f"  {fold:<6}{rows[fold]:>8}{raw}  {rus}{figures['constant']:>10.3f}")
 
 
 @main.command()
