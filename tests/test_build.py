@@ -259,6 +259,18 @@ def test_engine_gate_and_the_recipe_mode_pick_the_same_rows(multi_turn_store, tm
     assert sorted(r["sample_id"] for r in rows_of(tmp_path / "out") if r["captioned"]) == by_gate and by_gate
 
 
+def test_mi_gate_follows_the_score_runs_adjustment_unless_the_recipe_names_one(multi_turn_store, tmp_path):
+    # means R = -0.1, S = 0: c = 0.1 moves r and s up and u_v down by 0.1
+    values = {0: (-1.0, 1.0, 0.0, 0.0), 1: (0.0, 0.15, 0.0, 0.0), 2: (0.0, 0.05, 0.0, 0.0)}
+    scored(multi_turn_store, values | {i: (0.0, 0.0, 0.0, 0.0) for i in range(3, 10)}, "score-1", {"adjust": "rus"})
+    gate_plan = lambda extra: build(multi_turn_store, load_recipe(recipe_file(  # noqa: E731
+        tmp_path, f"{{mode: mi_gate, tau: 1.0, captioner: cap, on_missing: keep{extra}}}")), progress=False).manifest["plan"]["mi_gate"]
+    plan = gate_plan("")
+    assert (plan["adjust"], plan["adjust_constant"], plan["valid"]) == ("rus", pytest.approx(0.1), 1)  # row 1: 0.05 < s 0.1
+    plan = gate_plan(", adjust: none")
+    assert (plan["adjust"], plan["adjust_constant"], plan["valid"]) == ("none", 0.0, 3)
+
+
 def test_mi_gate_without_a_score_run_fails_with_one_line(multi_turn_store, tmp_path):
     with pytest.raises(BuildError, match="no finished score run in the store; run `engine score` first"):
         build(multi_turn_store, load_recipe(recipe_file(tmp_path, "{mode: mi_gate, tau: 0.3, captioner: cap}")), progress=False)
