@@ -265,6 +265,20 @@ def test_gate_selects_top_u_v_and_never_synergy(tmp_path):
     assert gate(store, tau=0.5, basis="valid")[1].k == 2
 
 
+def test_gate_cli_errors_are_one_line(tmp_path):
+    store = gate_store(tmp_path)
+    runner = CliRunner()
+    for args, message in ((["--tau", "hot"], "error: --tau: expected a number in [0, 1], got 'hot'"),
+                          (["--tau", "2"], "error: tau must be in [0, 1], got 2"),
+                          (["--tau", "0.5", "--interactions-run", "nope"], "error: interactions run 'nope' scored nothing"),
+                          (["--tau", "0.5", "--where", "nosuchcolumn > 1"], "error: where: invalid SQL over facts")):
+        result = runner.invoke(main, ["--store", str(store.root), "gate", *args])
+        assert result.exit_code == 2 and result.output.startswith(message) and len(result.output.splitlines()) == 1, result.output
+    result = runner.invoke(main, ["--store", str(store.root), "gate", "--tau", "0.29", "--adjust", "none"])
+    assert result.exit_code == 0 and "2 samples selected for captioning, of 4 valid among 8 (score run score-1, adjust none" in result.output
+    assert store.arrow("gate").num_rows == 8  # only the successful run wrote
+
+
 def test_gate_size_is_exact():
     from engine.interactions.mi_gate import gate_size
 

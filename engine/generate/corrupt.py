@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from engine.generate.backends import Backend, Request, decode_images
 from engine.generate.stage import prompts
 from engine.hashing import hash_u64, tier_threshold
-from engine.options import alternatives, offered_letters
+from engine.options import alternatives, offered_letters  # noqa: F401 (offered_letters: re-exported for engine eval)
 from engine.store import Store, new_run_id
 
 def _pick(options: list[str], salt: str, sample_id: str) -> str:

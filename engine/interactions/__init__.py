@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
@@ -88,8 +89,11 @@ def gate(store: Store, tau, basis: str = "dataset", where: str | None = GATE_WHE
         population = f"select sample_id from facts where ({where or 'true'})"
         # the population is the chosen run's samples that match `where`: resolve the run first
         run, _ = resolve_run(con, interactions_run)
-        plan = decide(con, f"select sample_id from interactions where run_id = {sql_literal(run)} and sample_id in ({population})",
-                      tau, basis, run, adjust)
+        try:
+            plan = decide(con, f"select sample_id from interactions where run_id = {sql_literal(run)} and sample_id in ({population})",
+                          tau, basis, run, adjust)
+        except duckdb.Error as error:
+            raise ValueError(f"where: invalid SQL over facts: {str(error).splitlines()[0]}") from None
         if not plan.rows:
             raise LookupError(f"no sample of score run {run} matches {where!r}")
         decision = con.sql("select * from gate_decision order by sample_id").to_arrow_table()
