@@ -228,40 +228,59 @@ def embed(ctx, model, modality, where, batch_size, device, pca, no_standardize, 
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", default=42, show_default=True)
 @click.option("--entropy-max-rows", default=20000, show_default=True, help="KNIFE trains on at most this many train rows (0: all)")
+@click.option("--adjust", type=click.Choice(["none", "rus"]), default="none", show_default=True,
+              help="the values a gate ranks by default: raw, or the reference estimator's RUS-adjusted ones "
+              "(the paper's figures); the store keeps raw values either way")
 @quiet_option()
 @click.pass_context
-def score(ctx, image_model, text_model, where, device, seed, entropy_max_rows, quiet):
+def score(ctx, image_model, text_model, where, device, seed, entropy_max_rows, adjust, quiet):
     """Estimate pointwise r, u_v, u_t, s (LSMI) for labelled samples; writes the interactions table."""
     from engine.interactions import LSMIConfig
     from engine.interactions import score as run_score
 
     config = LSMIConfig(device=device, seed=seed, entropy_max_rows=entropy_max_rows or None)
     try:
-        run_id, result = run_score(_store(ctx), image_model, text_model, where, config, not quiet)
+        run_id, result = run_score(_store(ctx), image_model, text_model, where, config, not quiet, adjust)
     except (LookupError, ValueError) as error:
         raise Fail(str(error)) from None
-    click.echo(f"run {run_id}: {len(result.dominant)} samples scored (nats)")
-    click.echo(f"  {'fold':<6}{'rows':>8}{'R':>9}{'U_V':>9}{'U_T':>9}{'S':>9}")
-    for fold, averages in result.info["averages"].items():
-        click.echo(f"  {fold:<6}{result.info['rows'][fold]:>8}" + "".join(f"{averages[t]:>9.3f}" for t in ("r", "u_v", "u_t", "s")))
+    click.echo(f"run {run_id}: {len(result.dominant)} samples scored (nats; adjust {adjust} recorded for the gate)")
+    names = "".join(f"{t:>10}" for t in ("R", "U_V", "U_T", "S"))
+    click.echo(f"  {'':<14}{'raw':^40}  {'RUS-adjusted (the paper)':^50}")
+    click.echo(f"  {'fold':<6}{'rows':>8}{names}  {names}{'c':>10}")
+    rows = {**result.info["rows"], "all": len(result.dominant)}
+    for fold, figures in result.info["rus"].items():
+        raw = "".join(f"{figures['raw'][t]:>10.3f}" for t in ("r", "u_v", "u_t", "s"))
+        rus = "".join(f"{figures['rus'][t]:>10.3f}" for t in ("r", "u_v", "u_t", "s"))
+        click.echo(f"  {fold:<6}{rows[fold]:>8}{raw}  {rus}{figures['constant']:>10.3f}")
 
 
 @main.command()
-@click.option("--tau", type=float, required=True, help="share of samples to caption")
+@click.option("--tau", type=str, required=True, help="share of samples to caption, in [0, 1]; floor(tau * N) is exact")
 @click.option("--basis", type=click.Choice(["dataset", "valid"]), default="dataset", show_default=True,
-              help="N in floor(tau * N): all scored samples (Algorithm 2) or |S_valid| (reference code)")
-@click.option("--where", callback=_where_flag, help="SQL filter over facts")
-@click.option("--run", "interactions_run", help="score run to use (default: the newest per sample)")
+              help="N in floor(tau * N): the samples the gate considers (Algorithm 2) or |S_valid| (reference code)")
+@click.option("--where", callback=_where_flag, default="split = 'train'", show_default=True,
+              help="SQL filter over facts: the samples the gate considers (the train split: a mixture's rows)")
+@click.option("--interactions-run", "--run", "interactions_run",
+              help="score run whose values are ranked (default: the newest finished one)")
+@click.option("--adjust", type=click.Choice(["none", "rus"]),
+              help="rank raw or RUS-adjusted values (default: what the score run recorded)")
 @click.pass_context
-def gate(ctx, tau, basis, where, interactions_run):
+def gate(ctx, tau, basis, where, interactions_run, adjust):
     """The MI gate: pick the u_v-dominant samples to caption; writes the gate table."""
+    from fractions import Fraction
+
     from engine.interactions import gate as run_gate
 
     try:
-        run_id, k = run_gate(_store(ctx), tau, basis, where, interactions_run)
+        Fraction(tau)
+    except (ValueError, ZeroDivisionError):
+        raise Fail(f"--tau: expected a number in [0, 1], got {tau!r}") from None
+    try:
+        run_id, plan = run_gate(_store(ctx), tau, basis, where, interactions_run, adjust)
     except (LookupError, ValueError) as error:
         raise Fail(str(error)) from None
-    click.echo(f"run {run_id}: {k} samples selected for captioning")
+    click.echo(f"run {run_id}: {plan.k} samples selected for captioning, of {plan.valid} valid among {plan.rows} "
+               f"(score run {plan.interactions_run}, adjust {plan.adjust}, c = {plan.adjust_constant:.4f})")
 
 
 def _backend(model: str, backend: str, device: str):

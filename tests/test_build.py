@@ -167,6 +167,14 @@ def interactions(values: dict[int, tuple[float, float, float, float]], run_id: s
             for i, (r, u_v, u_t, s) in values.items()]
 
 
+def scored(store: Store, values: dict[int, tuple[float, float, float, float]], run_id: str, config: dict | None = None) -> None:
+    """Interactions of one finished score run (its rows, then its ``runs`` row)."""
+    import datetime as dt
+
+    store.append("interactions", interactions(values, run_id))
+    store.record_run(run_id, "score", config or {}, dt.datetime.now(dt.timezone.utc), len(values))
+
+
 def test_mi_gate_captions_the_top_u_v_dominant_rows_and_never_synergy(multi_turn_store, tmp_path):
     values = {
         0: (0.1, 0.9, 0.0, 0.0),   # u_v dominant, highest u_v
@@ -178,7 +186,7 @@ def test_mi_gate_captions_the_top_u_v_dominant_rows_and_never_synergy(multi_turn
         6: (0.0, 0.4, 0.6, 0.0),   # text dominant
         7: (0.0, 1.0, 0.0, 1.0),   # u_v ties with synergy: not captioned
     }
-    multi_turn_store.append("interactions", interactions(values, "score-1"))
+    scored(multi_turn_store, values, "score-1")
     multi_turn_store.append("captions", [
         {"sample_id": f"cauldron:vqav2:train:{i}", "captioner": "cap", "prompt_id": "p", "caption": f"caption {i}", "run_id": "caption-1"}
         for i in range(6, 10)
@@ -186,12 +194,86 @@ def test_mi_gate_captions_the_top_u_v_dominant_rows_and_never_synergy(multi_turn
     # Algorithm 2: N = 10 rows in the mixture, tau = 0.3 -> k = min(3, |S_valid| = 4) = 3
     recipe = load_recipe(recipe_file(tmp_path, "{mode: mi_gate, tau: 0.3, captioner: cap}"))
     manifest = build(multi_turn_store, recipe, progress=False).manifest
-    assert manifest["plan"]["mi_gate"] == {"rows": 10, "scored": 8, "valid": 4, "k": 3}
+    assert manifest["plan"]["mi_gate"] == {"rows": 10, "scored": 8, "valid": 4, "k": 3, "interactions_run": "score-1",
+                                           "adjust": "none", "adjust_constant": 0.0}
     captioned = sorted(r["sample_id"] for r in rows_of(tmp_path / "out") if r["captioned"])
     assert captioned == [f"cauldron:vqav2:train:{i}" for i in (0, 1, 2)]
     # the reference code's basis: floor(tau * |S_valid|) = floor(0.3 * 4) = 1
     recipe = load_recipe(recipe_file(tmp_path, "{mode: mi_gate, tau: 0.3, basis: valid, captioner: cap}"))
     assert build(multi_turn_store, recipe, progress=False).manifest["rows"]["captioned"] == 1
+
+
+def test_mi_gate_reads_one_score_run_not_the_newest_value_per_sample(multi_turn_store, tmp_path):
+    # a full run, then a partial rescoring of rows 0-1 by another fit whose values sit on another scale
+    scored(multi_turn_store, {i: (0.0, 0.1 * (i + 1), 0.0, 0.0) for i in range(10)}, "score-20260101T000000-aaaa")
+    scored(multi_turn_store, {0: (0.0, 5.0, 0.0, 0.0), 1: (0.0, 4.0, 0.0, 0.0)}, "score-20260202T000000-bbbb")
+    multi_turn_store.append("captions", [
+        {"sample_id": f"cauldron:vqav2:train:{i}", "captioner": "cap", "prompt_id": "p", "caption": "c", "run_id": "caption-1"}
+        for i in range(6, 10)])  # rows 0-5 have theirs
+    captioned = lambda manifest: sorted(r["sample_id"][-1] for r in rows_of(tmp_path / "out") if r["captioned"])  # noqa: E731
+    # the newest finished run: its two rows are all the gate can rank (the other 8 are not scored by it)
+    manifest = build(multi_turn_store, load_recipe(recipe_file(tmp_path, "{mode: mi_gate, tau: 0.3, captioner: cap}")), progress=False).manifest
+    assert manifest["plan"]["mi_gate"]["interactions_run"] == "score-20260202T000000-bbbb"
+    assert (manifest["plan"]["mi_gate"]["scored"], manifest["plan"]["mi_gate"]["k"]) == (2, 2)
+    assert captioned(manifest) == ["0", "1"]
+    # pinned to the full run: the top 3 of one fit (newest-per-sample would have taken 0, 1 and 9)
+    path = tmp_path / "pinned.yaml"
+    path.write_text(recipe_file(tmp_path, "{mode: mi_gate, tau: 0.3, captioner: cap}").read_text()
+                    + "facts: {interactions: {run_id: score-20260101T000000-aaaa}}\n")
+    manifest = build(multi_turn_store, load_recipe(path), progress=False).manifest
+    assert captioned(manifest) == ["7", "8", "9"]
+
+
+def test_mi_gate_needs_positive_finite_u_v_and_breaks_ties_by_sample_id(multi_turn_store, tmp_path):
+    nan = float("nan")
+    values = {0: (0.0, 0.0, -1.0, -1.0),   # u_v = 0 is the largest term: not eligible (nothing to move)
+              1: (nan, 0.5, 0.0, 0.0),     # a NaN term: not eligible
+              2: (0.0, nan, 0.0, 0.0),     # NaN u_v (DuckDB would rank it above every number)
+              3: (0.0, 0.5, 0.0, 0.0), 4: (0.0, 0.5, 0.0, 0.0), 5: (0.0, 0.5, 0.0, 0.0)}  # a three-way tie
+    scored(multi_turn_store, values, "score-1")
+    multi_turn_store.append("captions", [
+        {"sample_id": f"cauldron:vqav2:train:{i}", "captioner": "cap", "prompt_id": "p", "caption": "c", "run_id": "caption-1"}
+        for i in range(6, 10)])  # rows 0-5 have theirs
+    recipe = load_recipe(recipe_file(tmp_path, "{mode: mi_gate, tau: 0.2, captioner: cap}"))
+    manifest = build(multi_turn_store, recipe, progress=False).manifest
+    assert (manifest["plan"]["mi_gate"]["valid"], manifest["plan"]["mi_gate"]["k"]) == (3, 2)
+    assert sorted(r["sample_id"][-1] for r in rows_of(tmp_path / "out") if r["captioned"]) == ["3", "4"]
+
+
+@pytest.mark.parametrize("basis", ["dataset", "valid"])
+def test_engine_gate_and_the_recipe_mode_pick_the_same_rows(multi_turn_store, tmp_path, basis):
+    from engine.interactions import gate
+
+    values = {i: (0.1 * (i % 3), 0.05 * i, 0.02 * i, 0.3 if i == 8 else 0.0) for i in range(10)}
+    values[4] = (0.0, 0.45, 0.0, 0.0)  # ties with row 9's u_v
+    scored(multi_turn_store, values, "score-1")
+    multi_turn_store.append("captions", [
+        {"sample_id": f"cauldron:vqav2:train:{i}", "captioner": "cap", "prompt_id": "p", "caption": "c", "run_id": "caption-1"}
+        for i in range(6, 10)])
+    _, plan = gate(multi_turn_store, 0.5, basis, where="true")
+    con, _ = multi_turn_store.connect()
+    by_gate = [r[0] for r in con.execute("select sample_id from facts where gate_selected order by 1").fetchall()]
+    recipe = load_recipe(recipe_file(tmp_path, f"{{mode: mi_gate, tau: 0.5, basis: {basis}, captioner: cap}}"))
+    manifest = build(multi_turn_store, recipe, progress=False).manifest
+    assert manifest["plan"]["mi_gate"] == plan.record()
+    assert sorted(r["sample_id"] for r in rows_of(tmp_path / "out") if r["captioned"]) == by_gate and by_gate
+
+
+def test_mi_gate_follows_the_score_runs_adjustment_unless_the_recipe_names_one(multi_turn_store, tmp_path):
+    # means R = -0.1, S = 0: c = 0.1 moves r and s up and u_v down by 0.1
+    values = {0: (-1.0, 1.0, 0.0, 0.0), 1: (0.0, 0.15, 0.0, 0.0), 2: (0.0, 0.05, 0.0, 0.0)}
+    scored(multi_turn_store, values | {i: (0.0, 0.0, 0.0, 0.0) for i in range(3, 10)}, "score-1", {"adjust": "rus"})
+    gate_plan = lambda extra: build(multi_turn_store, load_recipe(recipe_file(  # noqa: E731
+        tmp_path, f"{{mode: mi_gate, tau: 1.0, captioner: cap, on_missing: keep{extra}}}")), progress=False).manifest["plan"]["mi_gate"]
+    plan = gate_plan("")
+    assert (plan["adjust"], plan["adjust_constant"], plan["valid"]) == ("rus", pytest.approx(0.1), 1)  # row 1: 0.05 < s 0.1
+    plan = gate_plan(", adjust: none")
+    assert (plan["adjust"], plan["adjust_constant"], plan["valid"]) == ("none", 0.0, 3)
+
+
+def test_mi_gate_without_a_score_run_fails_with_one_line(multi_turn_store, tmp_path):
+    with pytest.raises(BuildError, match="no finished score run in the store; run `engine score` first"):
+        build(multi_turn_store, load_recipe(recipe_file(tmp_path, "{mode: mi_gate, tau: 0.3, captioner: cap}")), progress=False)
 
 
 def test_newest_run_wins_unless_the_recipe_pins_one(multi_turn_store, tmp_path):

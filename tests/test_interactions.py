@@ -216,34 +216,177 @@ def test_score_writes_interactions_for_every_labelled_sample(easy_store):
     assert row["r"] + row["u_v"] == pytest.approx(row["i_v"]) and row["r"] + row["u_v"] + row["u_t"] + row["s"] == pytest.approx(row["i_vt"])
     assert {r["dominant"] for r in table} <= {"r", "u_v", "u_t", "s"}
     runs = easy_store.arrow("runs").to_pylist()
-    assert any(r["run_id"] == run_id and '"units": "nats"' in r["config"] for r in runs)
+    assert any(r["run_id"] == run_id and '"units": "nats"' in r["config"] and '"adjust": "none"' in r["config"] for r in runs)
+    # dataset figures raw and RUS-adjusted, over all rows and per fold; the adjustment keeps R + U_V, R + U_T, the total
+    figures = result.info["rus"]
+    assert set(figures) == {"all", "train", "val", "test"}
+    for fold in figures.values():
+        raw, adjusted = fold["raw"], fold["rus"]
+        assert adjusted["r"] + adjusted["u_v"] == pytest.approx(raw["r"] + raw["u_v"])
+        assert adjusted["r"] + adjusted["u_t"] == pytest.approx(raw["r"] + raw["u_t"])
+        assert min(adjusted["r"], adjusted["s"]) >= -1e-12 or min(adjusted["u_v"], adjusted["u_t"]) >= -1e-12
+    assert figures["test"]["raw"]["r"] == pytest.approx(float(np.mean([r["r"] for r in table if r["fold"] == "test"])))
 
 
-def gate_store(tmp_path):
+def finished_score_run(store: Store, run_id: str, values: dict[str, tuple], config: dict | None = None) -> None:
+    """One score run's interactions (sample_id -> (r, u_v, u_t, s)), then its ``runs`` row."""
+    import datetime as dt
+
+    store.append("interactions", [{"sample_id": i, "run_id": run_id, "r": r, "u_v": u, "u_t": t, "s": s}
+                                  for i, (r, u, t, s) in values.items()])
+    store.record_run(run_id, "score", config or {}, dt.datetime.now(dt.timezone.utc), len(values))
+
+
+def gate_store(tmp_path, splits=None):
     store = Store(tmp_path / "store")
-    store.append("samples", [{"sample_id": f"x:{i}", "source": "x", "subset": "s", "split": "train"} for i in range(8)])
+    splits = splits or ["train"] * 8
+    store.append("samples", [{"sample_id": f"x:{i}", "source": "x", "subset": "s", "split": split} for i, split in enumerate(splits)])
     values = [(0.1, 0.9, 0.0, 0.0), (0.1, 0.7, 0.0, 0.0), (0.1, 0.5, 0.0, 0.0), (0.0, 2.0, 0.0, 3.0),
               (0.9, 0.8, 0.0, 0.0), (0.0, 0.4, 0.6, 0.0), (0.0, 1.0, 0.0, 1.0), (0.1, 0.3, 0.0, 0.0)]
-    store.append("interactions", [{"sample_id": f"x:{i}", "run_id": "score-1", "r": r, "u_v": u, "u_t": t, "s": s}
-                                  for i, (r, u, t, s) in enumerate(values)])
+    finished_score_run(store, "score-1", {f"x:{i}": v for i, v in enumerate(values)})
     return store
+
+
+def selected(store: Store) -> list[str]:
+    """The newest gate run's selection, as the facts view shows it."""
+    con, _ = store.connect()
+    return [r[0] for r in con.execute("select sample_id from facts where gate_selected order by 1").fetchall()]
 
 
 def test_gate_selects_top_u_v_and_never_synergy(tmp_path):
     store = gate_store(tmp_path)
-    run_id, k = gate(store, tau=0.25)  # N = 8: k = min(2, |S_valid| = 4) = 2
-    assert k == 2
+    run_id, plan = gate(store, tau=0.25)  # N = 8: k = min(2, |S_valid| = 4) = 2
+    assert (plan.rows, plan.valid, plan.k, plan.interactions_run, plan.adjust) == (8, 4, 2, "score-1", "none")
     rows = {r["sample_id"]: r for r in store.arrow("gate").to_pylist()}
     assert [s for s, r in sorted(rows.items()) if r["gate_selected"]] == ["x:0", "x:1"]
     assert [s for s, r in sorted(rows.items()) if r["gate_valid"]] == ["x:0", "x:1", "x:2", "x:7"]
     assert rows["x:3"]["gate_rank"] is None and not rows["x:3"]["gate_selected"]  # synergy-dominant, largest u_v
     assert rows["x:2"]["gate_rank"] == 3 and rows["x:0"]["gate_interactions_run"] == "score-1"
-    con, _ = store.connect()  # the newest gate run is a fact recipes can filter on
-    assert con.execute("select sample_id from facts where gate_selected order by 1").fetchall() == [("x:0",), ("x:1",)]
-    _, k_all = gate(store, tau=1.0)
-    assert k_all == 4  # capped at |S_valid|
-    _, k_valid = gate(store, tau=0.5, basis="valid")
-    assert k_valid == 2
+    assert selected(store) == ["x:0", "x:1"]  # the newest gate run is a fact recipes can filter on
+    assert gate(store, tau=1.0)[1].k == 4  # capped at |S_valid|
+    assert gate(store, tau=0.5, basis="valid")[1].k == 2
+
+
+def test_gate_cli_errors_are_one_line(tmp_path):
+    store = gate_store(tmp_path)
+    runner = CliRunner()
+    for args, message in ((["--tau", "hot"], "error: --tau: expected a number in [0, 1], got 'hot'"),
+                          (["--tau", "2"], "error: tau must be in [0, 1], got 2"),
+                          (["--tau", "0.5", "--interactions-run", "nope"], "error: interactions run 'nope' scored nothing"),
+                          (["--tau", "0.5", "--where", "nosuchcolumn > 1"], "error: where: invalid SQL over facts")):
+        result = runner.invoke(main, ["--store", str(store.root), "gate", *args])
+        assert result.exit_code == 2 and result.output.startswith(message) and len(result.output.splitlines()) == 1, result.output
+    result = runner.invoke(main, ["--store", str(store.root), "gate", "--tau", "0.29", "--adjust", "none"])
+    assert result.exit_code == 0 and "2 samples selected for captioning, of 4 valid among 8 (score run score-1, adjust none" in result.output
+    assert store.arrow("gate").num_rows == 8  # only the successful run wrote
+
+
+def test_gate_size_is_exact():
+    from engine.interactions.mi_gate import gate_size
+
+    assert int(0.29 * 100) == 28  # what float arithmetic gives
+    assert gate_size(0.29, 100) == gate_size("0.29", 100) == 29
+    assert gate_size(0.57, 100) == 57 and gate_size(1, 7) == 7 and gate_size(0, 7) == 0 and gate_size(0.5, 7) == 3
+    with pytest.raises(ValueError, match="tau must be"):
+        gate_size(1.5, 10)
+
+
+def test_gate_takes_floor_tau_n_exactly(tmp_path):
+    store = Store(tmp_path / "store")
+    store.append("samples", [{"sample_id": f"x:{i:03d}", "source": "x", "subset": "s", "split": "train"} for i in range(100)])
+    finished_score_run(store, "score-1", {f"x:{i:03d}": (0.0, 1.0 + i, 0.0, 0.0) for i in range(100)})
+    assert gate(store, tau=0.29)[1].k == 29
+
+
+def test_gate_reads_one_score_run_after_a_partial_rescoring(tmp_path):
+    store = gate_store(tmp_path)
+    # a second fit rescored two samples only, on another scale: newest-per-sample would rank x:4 and x:5 first
+    finished_score_run(store, "score-2", {"x:4": (0.0, 9.0, 0.0, 0.0), "x:5": (0.0, 8.0, 0.0, 0.0)})
+    _, plan = gate(store, tau=0.25)
+    assert (plan.interactions_run, plan.rows, plan.k) == ("score-2", 2, 0)  # floor(0.25 * 2) = 0
+    _, plan = gate(store, tau=0.5)
+    assert selected(store) == ["x:4"] and plan.k == 1
+    _, plan = gate(store, tau=0.25, interactions_run="score-1")  # a named run: its own values only
+    assert selected(store) == ["x:0", "x:1"] and plan.rows == 8
+    # a run whose rows were written but that never finished (no runs row) is not the default
+    store.append("interactions", [{"sample_id": "x:6", "run_id": "score-3", "r": 0.0, "u_v": 50.0, "u_t": 0.0, "s": 0.0}])
+    assert gate(store, tau=0.5)[1].interactions_run == "score-2"
+    with pytest.raises(LookupError, match="interactions run 'score-9' scored nothing"):
+        gate(store, tau=0.5, interactions_run="score-9")
+
+
+def test_gate_needs_positive_finite_u_v_and_breaks_ties_by_sample_id(tmp_path):
+    store = Store(tmp_path / "store")
+    store.append("samples", [{"sample_id": f"x:{i}", "source": "x", "subset": "s", "split": "train"} for i in range(7)])
+    nan = float("nan")
+    finished_score_run(store, "score-1", {
+        "x:0": (0.0, 0.0, -1.0, -1.0),  # u_v = 0 is the largest term, but there is nothing to move
+        "x:1": (0.0, nan, 0.0, 0.0),    # DuckDB orders NaN above every number
+        "x:2": (nan, 0.4, 0.0, 0.0),
+        "x:3": (0.0, float("inf"), 0.0, 0.0),
+        "x:4": (0.0, 0.4, 0.0, 0.0), "x:5": (0.0, 0.4, 0.0, 0.0), "x:6": (0.0, 0.4, 0.0, 0.0),  # a three-way tie
+    })
+    _, plan = gate(store, tau=0.3)  # k = min(floor(0.3 * 7) = 2, 3)
+    assert (plan.valid, plan.k) == (3, 2)
+    assert selected(store) == ["x:4", "x:5"]
+    ranks = {r["sample_id"]: r["gate_rank"] for r in store.arrow("gate").to_pylist()}
+    assert [ranks[f"x:{i}"] for i in range(7)] == [None, None, None, None, 1, 2, 3]
+
+
+def test_gate_defaults_to_the_train_split(tmp_path):
+    store = gate_store(tmp_path, splits=["test"] + ["train"] * 7)  # x:0 has the highest u_v, but is a test row
+    _, plan = gate(store, tau=0.25)
+    assert (plan.rows, plan.k) == (7, 1) and selected(store) == ["x:1"]  # k = floor(0.25 * 7), of train rows only
+    _, plan = gate(store, tau=0.25, where="true")
+    assert selected(store) == ["x:0", "x:1"]
+
+
+def test_rus_adjustment_matches_the_reference_rule():
+    from engine.interactions.mi_gate import adjusted, rus_constant
+
+    # R or S negative: c = -min(R, S) lifts both to >= 0
+    assert rus_constant({"r": -0.2, "u_v": 0.5, "u_t": 0.1, "s": -0.05}) == 0.2
+    # R and S non-negative, a U negative: c = min(U_V, U_T) (negative) lifts both U to >= 0
+    assert rus_constant({"r": 0.3, "u_v": 0.2, "u_t": -0.1, "s": 0.4}) == -0.1
+    assert rus_constant({"r": 0.3, "u_v": 0.2, "u_t": 0.1, "s": 0.0}) == 0.0
+    means = {"r": -0.25, "u_v": 0.5, "u_t": 0.125, "s": -0.0625}
+    after = adjusted(means, rus_constant(means))
+    assert after == {"r": 0.0, "u_v": 0.25, "u_t": -0.125, "s": 0.1875}
+    total = lambda m: m["r"] + m["u_v"] + m["u_t"] + m["s"]  # noqa: E731
+    assert (after["r"] + after["u_v"], after["r"] + after["u_t"], total(after)) == (
+        means["r"] + means["u_v"], means["r"] + means["u_t"], total(means))
+
+
+def test_gate_ranks_rus_adjusted_values_when_the_score_run_chose_them(tmp_path):
+    store = Store(tmp_path / "store")
+    store.append("samples", [{"sample_id": f"x:{i}", "source": "x", "subset": "s", "split": "train"} for i in range(4)])
+    # means: R = -0.25, S = 0 -> c = 0.25: r + 0.25, u_v - 0.25, s + 0.25
+    values = {"x:0": (-1.0, 1.0, 0.0, 0.0),   # raw: u_v dominant; adjusted: u_v 0.75 vs r -0.75: still
+              "x:1": (0.0, 0.2, 0.0, 0.0),    # raw: valid; adjusted: u_v -0.05 <= 0: not
+              "x:2": (0.0, 0.3, 0.0, 0.0),    # raw: valid; adjusted: u_v 0.05 < s 0.25: not
+              "x:3": (0.0, 0.0, 0.0, 0.0)}
+    finished_score_run(store, "score-1", values, {"adjust": "rus"})
+    _, plan = gate(store, tau=1.0)  # the run's recorded choice
+    assert (plan.adjust, plan.adjust_constant, plan.valid) == ("rus", 0.25, 1)
+    assert selected(store) == ["x:0"]
+    _, plan = gate(store, tau=1.0, adjust="none")
+    assert plan.valid == 3 and selected(store) == ["x:0", "x:1", "x:2"]
+    assert store.arrow("interactions").column("u_v").to_pylist() == [1.0, 0.2, 0.3, 0.0]  # raw values kept
+    runs = [r for r in store.arrow("runs").to_pylist() if r["stage"] == "gate"]
+    assert '"adjust": "rus"' in runs[0]["config"] and '"adjust_constant": 0.25' in runs[0]["config"]
+
+
+def test_entropy_early_stopping_watches_a_seeded_random_val_subset():
+    config = LSMIConfig(entropy_max_rows=400)  # val subset of 100 rows
+    train_idx, val_idx = np.arange(0, 2000), np.arange(2000, 3000)
+    entropy_train, entropy_val = estimator.entropy_rows(train_idx, val_idx, config)
+    assert len(entropy_train) == 400 and len(entropy_val) == 100 and set(entropy_val) <= set(val_idx)
+    assert entropy_val.max() > 2500 and entropy_val.min() < 2100  # spread over the fold, not its first rows
+    again = estimator.entropy_rows(train_idx, val_idx, config)
+    assert np.array_equal(again[1], entropy_val) and np.array_equal(again[0], entropy_train)
+    other = estimator.entropy_rows(train_idx, val_idx, LSMIConfig(entropy_max_rows=400, seed=1))[1]
+    assert not np.array_equal(other, entropy_val)
+    assert np.array_equal(estimator.entropy_rows(train_idx, val_idx, LSMIConfig(entropy_max_rows=None))[1], val_idx)
 
 
 def test_cli_embed_score_gate(tmp_path):

@@ -11,27 +11,16 @@
 
 from __future__ import annotations
 
-import re
-import string
-
 import numpy as np
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_LETTER = re.compile(r"(?:^|[\s(\[])([A-H])(?:[\s).\]:,]|$)")
+from engine.options import normalise, reply_letter
+
 UNCERTAIN = ("uncertain", "not sure", "cannot be determined", "can't tell", "unknown")
 
 
-def normalise(text: str | None) -> str:
-    """Lower case, no punctuation, no articles, single spaces."""
-    text = (text or "").lower().translate(str.maketrans("", "", string.punctuation))
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
 def first_letter(prediction: str, letters: list[str]) -> str | None:
-    for match in _LETTER.finditer(prediction.strip()):
-        if match.group(1) in letters:
-            return match.group(1)
-    return None
+    """The first option letter a prediction names (``engine.options.reply_letter``)."""
+    return reply_letter(prediction, letters)
 
 
 def first_class(prediction: str, classes: list[str]) -> str | None:

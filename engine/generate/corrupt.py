@@ -13,7 +13,6 @@ Every row of the selection gets a flag (corrupted or not), in one commit.
 from __future__ import annotations
 
 import datetime as dt
-import re
 
 import pyarrow as pa
 from tqdm.auto import tqdm
@@ -21,15 +20,8 @@ from tqdm.auto import tqdm
 from engine.generate.backends import Backend, Request, decode_images
 from engine.generate.stage import prompts
 from engine.hashing import hash_u64, tier_threshold
+from engine.options import alternatives, offered_letters  # noqa: F401 (offered_letters: re-exported for engine eval)
 from engine.store import Store, new_run_id
-
-_OPTION = re.compile(r"(?:^|\s|\()([A-H])[\.\):]\s")
-
-
-def offered_letters(question: str) -> list[str]:
-    """The option letters a multiple-choice question lists ("A. ...", "(B) ...", "C: ...")."""
-    return sorted(set(_OPTION.findall(question)))
-
 
 def _pick(options: list[str], salt: str, sample_id: str) -> str:
     return options[hash_u64(salt, sample_id) % len(options)]
@@ -63,17 +55,13 @@ def corrupt(store: Store, fraction: float, where: str | None = "split = 'train'"
         if hash_u64(f"corrupt:{seed}:", row["sample_id"]) >= threshold:
             continue
         salt = f"corrupt-pick:{seed}:"
-        letters = offered_letters(row["question"] or "")
-        if row["label"] is not None and len(labels[row["subset"]]) > 1:
-            others = sorted(labels[row["subset"]] - {row["label"]})
-            flag.update(corrupted=True, kind="option_swap", replaced=_pick(others, salt, row["sample_id"]))
-        elif row["answer"].strip() in letters and len(letters) > 1:
-            others = [letter for letter in letters if letter != row["answer"].strip()]
+        kind, others = alternatives(row["question"], row["answer"], row["label"], labels.get(row["subset"], ()),
+                                    answers[row["subset"]])
+        if kind in ("option", "label"):
             flag.update(corrupted=True, kind="option_swap", replaced=_pick(others, salt, row["sample_id"]))
         elif backend is not None:
             rewrite.append((flag, row))
-        elif len(answers[row["subset"]]) > 1:
-            others = sorted(answers[row["subset"]] - {row["answer"]})
+        elif others:
             flag.update(corrupted=True, kind="pool_swap", replaced=_pick(others, salt, row["sample_id"]))
     if rewrite:
         template = prompts()["corruption"]["rewrite"]

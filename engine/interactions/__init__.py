@@ -6,17 +6,19 @@ from __future__ import annotations
 import datetime as dt
 import math
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
 from engine.embed import load_vectors
 from engine.interactions.estimator import LSMIConfig, LSMIResult, estimate
+from engine.interactions.mi_gate import ADJUSTMENTS, GatePlan, decide, resolve_run, rus_figures
 from engine.interactions.pid import decompose, exact_pid
 from engine.hashing import hash_u64
 from engine.sql import sql_literal
 from engine.store import Store, new_run_id
 
-__all__ = ["LSMIConfig", "LSMIResult", "assign_folds", "decompose", "estimate", "exact_pid", "gate", "score"]
+__all__ = ["GatePlan", "LSMIConfig", "LSMIResult", "assign_folds", "decompose", "estimate", "exact_pid", "gate", "score"]
 
 
 def assign_folds(sample_ids: list[str], splits: list[str], val_fraction: float = 0.1) -> np.ndarray:
@@ -35,9 +37,16 @@ def assign_folds(sample_ids: list[str], splits: list[str], val_fraction: float =
 
 
 def score(store: Store, image_model: str, text_model: str, where: str | None = None,
-          config: LSMIConfig | None = None, progress: bool = True) -> tuple[str, LSMIResult]:
+          config: LSMIConfig | None = None, progress: bool = True, adjust: str = "none") -> tuple[str, LSMIResult]:
     """Run the LSMI estimator on every labelled sample matching ``where`` that has both embeddings and
-    write the ``interactions`` table. Returns the run id and the result."""
+    write the ``interactions`` table. Returns the run id and the result.
+
+    The table always holds the raw pointwise values. ``adjust`` (``none`` or ``rus``) is the run's recorded
+    choice of the values a gate ranks by default; ``result.info["rus"]`` holds the dataset figures raw and
+    RUS-adjusted either way (``engine.interactions.mi_gate.rus_figures``).
+    """
+    if adjust not in ADJUSTMENTS:
+        raise ValueError(f"adjust must be one of {ADJUSTMENTS}, got {adjust!r}")
     config = config or LSMIConfig()
     run_id, started = new_run_id("score"), dt.datetime.now(dt.timezone.utc)
     con, versions = store.connect()
@@ -56,43 +65,46 @@ def score(store: Store, image_model: str, text_model: str, where: str | None = N
     labels = np.array([info[i][0] for i in common])
     folds = assign_folds(common, [info[i][1] for i in common])
     result = estimate(x_v, x_t, labels, folds, config, progress)
+    result.info["rus"] = rus_figures(result.pointwise, folds)
     table = {"sample_id": common, "run_id": [run_id] * len(common), "fold": folds.tolist(),
              **{name: result.pointwise[name] for name in ("r", "u_v", "u_t", "s", "i_v", "i_t", "i_vt", "h_v", "h_t")},
              "dominant": result.dominant.tolist()}
     store.append("interactions", pa.table(table))
-    config_record = {"image_model": image_model, "text_model": text_model, "where": where, "units": "nats",
+    config_record = {"image_model": image_model, "text_model": text_model, "where": where, "units": "nats", "adjust": adjust,
                      "prior": "label frequency in the train fold", "store_versions": versions, **result.info}
     store.record_run(run_id, "score", config_record, started, len(common))
     return run_id, result
 
 
-def gate(store: Store, tau: float, basis: str = "dataset", where: str | None = None, interactions_run: str | None = None) -> tuple[str, int]:
-    """The MI gate (Algorithm 2) over the scored samples matching ``where``: S_valid = samples whose largest
-    interaction is u_v (never synergy-dominant, ties with s excluded); select the k = min(floor(tau * N),
-    |S_valid|) with the highest u_v (N = the scored samples, or |S_valid| with ``basis="valid"``).
-    Writes the ``gate`` table; returns the run id and k."""
-    if not 0 <= tau <= 1:
-        raise ValueError(f"tau must be in [0, 1], got {tau}")
-    con, _ = store.connect()
-    pin = f"where run_id = {sql_literal(interactions_run)}" if interactions_run else ""
-    rows = con.execute(
-        f"""with latest as (select * from interactions {pin}
-                            qualify row_number() over (partition by sample_id order by run_id desc) = 1)
-            select l.sample_id, l.u_v, coalesce(l.u_v > l.s and l.u_v >= l.r and l.u_v >= l.u_t, false), l.run_id
-            from latest l join facts f using (sample_id) where ({where or 'true'}) order by l.sample_id"""
-    ).fetchall()
-    if not rows:
-        raise LookupError("no scored samples match; run `engine score` first")
-    valid = [r for r in rows if r[2]]
-    k = min(int(tau * (len(rows) if basis == "dataset" else len(valid))), len(valid))
-    ranked = sorted(valid, key=lambda r: (-r[1], hash_u64("gate:", r[0])))
-    rank = {r[0]: i + 1 for i, r in enumerate(ranked)}
+GATE_WHERE = "split = 'train'"
+
+
+def gate(store: Store, tau, basis: str = "dataset", where: str | None = GATE_WHERE,
+         interactions_run: str | None = None, adjust: str | None = None) -> tuple[str, GatePlan]:
+    """The MI gate (Algorithm 2, see ``engine.interactions.mi_gate``) over the samples of one score run that
+    match ``where`` (default: the train split, the rows a mixture is built from). Writes the ``gate``
+    table and returns the gate run id and its plan (N, |S_valid|, k, the score run, the adjustment)."""
+    con, versions = store.connect()
+    try:
+        population = f"select sample_id from facts where ({where or 'true'})"
+        # the population is the chosen run's samples that match `where`: resolve the run first
+        run, _ = resolve_run(con, interactions_run)
+        try:
+            plan = decide(con, f"select sample_id from interactions where run_id = {sql_literal(run)} and sample_id in ({population})",
+                          tau, basis, run, adjust)
+        except duckdb.Error as error:
+            raise ValueError(f"where: invalid SQL over facts: {str(error).splitlines()[0]}") from None
+        if not plan.rows:
+            raise LookupError(f"no sample of score run {run} matches {where!r}")
+        decision = con.sql("select * from gate_decision order by sample_id").to_arrow_table()
+    finally:
+        con.close()
     run_id, started = new_run_id("gate"), dt.datetime.now(dt.timezone.utc)
     store.append("gate", pa.table({
-        "sample_id": [r[0] for r in rows], "run_id": [run_id] * len(rows), "gate_interactions_run": [r[3] for r in rows],
-        "gate_valid": [r[2] for r in rows], "gate_rank": pa.array([rank.get(r[0]) for r in rows], pa.int64()),
-        "gate_selected": [rank.get(r[0], k + 1) <= k for r in rows],
+        "sample_id": decision.column("sample_id"), "run_id": [run_id] * len(decision),
+        "gate_interactions_run": [run] * len(decision), "gate_valid": decision.column("gate_valid"),
+        "gate_rank": decision.column("gate_rank").cast(pa.int64()), "gate_selected": decision.column("gate_selected"),
     }))
-    store.record_run(run_id, "gate", {"tau": tau, "basis": basis, "where": where, "interactions_run": interactions_run,
-                                      "scored": len(rows), "valid": len(valid), "k": k}, started, len(rows))
-    return run_id, k
+    store.record_run(run_id, "gate", {"tau": tau, "basis": basis, "where": where, "store_versions": versions,
+                                      **plan.record()}, started, len(decision))
+    return run_id, plan

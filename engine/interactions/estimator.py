@@ -58,6 +58,17 @@ class LSMIResult:
         return {name: float(values[mask].mean()) for name, values in self.pointwise.items()}
 
 
+def entropy_rows(train_idx: np.ndarray, val_idx: np.ndarray, config: LSMIConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The rows KNIFE trains on and the rows its early stopping watches: with ``entropy_max_rows`` set, a
+    seeded random draw of at most that many train rows and a quarter as many val rows (rows come in
+    sample-id order, so the first rows would be the first subsets only); otherwise all of both."""
+    if not config.entropy_max_rows:
+        return train_idx, val_idx
+    rng = np.random.default_rng(config.seed)
+    draw = lambda rows, n: np.sort(rng.choice(rows, n, replace=False)) if len(rows) > n else rows  # noqa: E731
+    return draw(train_idx, config.entropy_max_rows), draw(val_idx, max(config.entropy_max_rows // 4, 1))
+
+
 def _mlp(inputs: int, hidden: int, classes: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
@@ -155,11 +166,7 @@ def estimate(x_v: np.ndarray, x_t: np.ndarray, labels: np.ndarray, folds: np.nda
     log_prior = np.log(np.maximum(counts, 1.0) / counts.sum())
 
     train_idx, val_idx = np.flatnonzero(train), np.flatnonzero(val)
-    rng = np.random.default_rng(config.seed)
-    entropy_train = train_idx
-    if config.entropy_max_rows and len(train_idx) > config.entropy_max_rows:
-        entropy_train = np.sort(rng.choice(train_idx, config.entropy_max_rows, replace=False))
-    entropy_val = val_idx if not config.entropy_max_rows else val_idx[: max(config.entropy_max_rows // 4, 1)]
+    entropy_train, entropy_val = entropy_rows(train_idx, val_idx, config)
 
     entropies = _Entropies(v[torch.from_numpy(entropy_train)], t[torch.from_numpy(entropy_train)], config, generator).to(config.device)
     index = lambda rows: tuple(x[torch.from_numpy(rows)] for x in (v, t))  # noqa: E731
@@ -188,6 +195,7 @@ def estimate(x_v: np.ndarray, x_t: np.ndarray, labels: np.ndarray, folds: np.nda
         "classes": [str(c) for c in classes],
         "rows": {fold: int((folds == fold).sum()) for fold in ("train", "val", "test")},
         "entropy_train_rows": int(len(entropy_train)),
+        "entropy_val_rows": int(len(entropy_val)),
         "entropy": entropy_info,
         "classifiers": classifier_info,
         "seconds": time.perf_counter() - started,

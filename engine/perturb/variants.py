@@ -12,18 +12,17 @@ rebuilds are byte-identical.
 from __future__ import annotations
 
 import io
-import re
 from functools import cache
 
 from PIL import Image
 
 from engine.hashing import hash_u64
+from engine.options import alternatives, question_options
 from engine.paths import RECIPES_DIR, load_yaml
 from engine.perturb.image import canvas
 
 TEXT_PERTURBATIONS = ("unrelated_facts", "misleading")
 IMAGE_PERTURBATIONS = ("random_pixels", "black", "white", "irrelevant_image")
-_OPTION_LINE = re.compile(r"(?:^|\n|\s)\(?([A-H])[\.\):]\s*([^\n]+?)(?=\s+\(?[A-H][\.\):]\s|\n|$)")
 
 
 @cache
@@ -43,22 +42,14 @@ def unrelated_facts(text: str, sample_id: str, facts: int = 3, salt: str = "pert
     return " ".join(chosen) + " " + text
 
 
-def question_options(question: str) -> dict[str, str]:
-    """Letter -> option text of a multiple-choice question."""
-    return {letter: option.strip() for letter, option in _OPTION_LINE.findall(question)}
-
-
 def wrong_option(question: str, answer: str, label: str | None, labels: list[str], answers: list[str],
                  sample_id: str, salt: str = "perturb") -> str | None:
     """Another option of the sample: another offered choice, another label of its subset, or another
     answer seen in its subset (in that order of preference)."""
-    options = question_options(question)
-    if answer.strip() in options and len(options) > 1:
-        candidates = [text for letter, text in sorted(options.items()) if letter != answer.strip()]
-    elif label is not None and len(labels) > 1:
-        candidates = sorted(set(labels) - {label})
-    else:
-        candidates = sorted(set(answers) - {answer})
+    kind, candidates = alternatives(question, answer, label, labels, answers)
+    if kind == "option":  # a misleading description names the option's text, not its letter
+        options = question_options(question)
+        candidates = [options[letter] for letter in candidates if options[letter]]
     return _choose(candidates, f"{salt}:wrong", sample_id)[0] if candidates else None
 
 

@@ -49,14 +49,13 @@ class BuildResult:
 
 def source_filter(recipe: Recipe) -> str:
     """SQL for the recipe's ``sources`` key (true when absent)."""
-    sources = recipe.data.get("sources")
+    sources = recipe.filled.get("sources")
     if not sources:
         return "true"
     clauses = []
     for name, spec in sources.items():
         parts = [f"source = {sql_literal(name)}"]
-        spec = spec or {}
-        if spec.get("subsets", "all") != "all":
+        if spec["subsets"] != "all":
             parts.append(f"subset in {sql_list(spec['subsets'])}")
         if spec.get("exclude"):
             parts.append(f"subset not in {sql_list(spec['exclude'])}")
@@ -169,29 +168,29 @@ def _select(con: duckdb.DuckDBPyConnection, recipe: Recipe) -> dict:
         "groups": sorted(quotas),
     }
     if redundancy is not None and redundancy["mode"] == "mi_gate":
-        plan["mi_gate"] = _mi_gate(con, redundancy)
+        plan["mi_gate"] = _mi_gate(con, recipe)
     return plan
 
 
-def _mi_gate(con: duckdb.DuckDBPyConnection, redundancy: dict) -> dict:
-    """MI gate (Self-Captioning MI Tuning, Algorithm 2): S_valid = rows whose largest interaction is u_v
-    (synergy-dominant rows never qualify); caption the k = min(floor(tau*N), |S_valid|) of them with the
-    highest u_v. N is the mixture size (``basis: mixture``) or |S_valid| (``basis: valid``)."""
+def _mi_gate(con: duckdb.DuckDBPyConnection, recipe: Recipe) -> dict:
+    """MI gate (Self-Captioning MI Tuning, Algorithm 2) over the mixture's rows: ``engine.interactions.mi_gate``
+    decides (N is the mixture size with ``basis: dataset``), over the score run the recipe pins in
+    ``facts: {interactions: {run_id: ...}}``, else the newest finished one."""
+    from engine.interactions.mi_gate import decide
+
+    redundancy = recipe.redundancy
+    pinned = ((recipe.data.get("facts") or {}).get("interactions") or {}).get("run_id")
+    try:
+        plan = decide(con, "select sample_id from selected", redundancy["tau"], redundancy["basis"],
+                      pinned, redundancy.get("adjust"))
+    except LookupError as error:
+        raise BuildError(f"redundancy.mode mi_gate: {error}") from None
     con.execute(
-        """create temp table gated as
-        select p.* exclude (captioned), f.u_v,
-               coalesce(f.u_v > f.s and f.u_v >= f.r and f.u_v >= f.u_t, false) as valid
-        from selected p join facts f using (sample_id)"""
+        """create or replace temp table selected as
+        select s.sample_id, s.group_id, d.gate_selected as captioned
+        from selected s join gate_decision d using (sample_id)"""
     )
-    total, n_valid, n_scored = con.execute("select count(*), count_if(valid), count(u_v) from gated").fetchall()[0]
-    basis = total if redundancy["basis"] == "mixture" else n_valid
-    k = min(int(redundancy["tau"] * basis), n_valid)
-    con.execute(
-        f"""create or replace temp table selected as
-        select sample_id, group_id, coalesce(valid and rank_u_v <= {k}, false) as captioned
-        from (select *, row_number() over (partition by valid order by u_v desc, sample_id) as rank_u_v from gated)"""
-    )
-    return {"rows": total, "scored": n_scored, "valid": n_valid, "k": k}
+    return plan.record()
 
 
 def _caption_source(redundancy: dict | None) -> str:
@@ -209,11 +208,11 @@ def _caption_source(redundancy: dict | None) -> str:
 def perturbation_sql(recipe: Recipe) -> str:
     """SQL naming each row's perturbation (NULL for none): the rates of its task kind split [0, 1) into
     intervals, and the salted hash of the row's id falls in at most one."""
-    perturb = recipe.data.get("perturb")
+    perturb = recipe.perturb
     if not perturb:
         return "NULL::VARCHAR"
     kind = f"({perturb['task_kind']})" if perturb.get("task_kind") else "f.task_kind"
-    salt = perturb.get("salt", "perturb")
+    salt = perturb["salt"]
     cases = []
     for task_kind, names in (("image_heavy", TEXT_PERTURBATIONS), ("text_heavy", IMAGE_PERTURBATIONS)):
         rates = perturb.get(task_kind) or {}
@@ -233,7 +232,7 @@ class Perturber:
     """Builds the perturbed variant rows of a mixture batch (see ``engine.perturb.variants``)."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, dataset, perturb: dict):
-        self.facts, self.salt = perturb.get("facts", 3), perturb.get("salt", "perturb")
+        self.facts, self.salt = perturb["facts"], perturb["salt"]
         self.labels, self.answers = subset_options(con)
         self.model_facts: dict[str, list[str]] = {}
         if perturb.get("facts_model"):  # the newest facts per option that this model wrote (`engine facts`)
@@ -297,14 +296,14 @@ def _decide(con: duckdb.DuckDBPyConnection, recipe: Recipe, expected_rows: int) 
     recipe's ``on_missing`` rule. Returns the table and the caption counts for the manifest."""
     redundancy = recipe.redundancy
     joiner = sql_literal(" " + (redundancy["prefix"] if redundancy else ""))
-    corrupted = recipe.data.get("answers", "original") == "corrupted"
+    corrupted = recipe.answers == "corrupted"
     replacement = "case when coalesce(f.corrupted, false) then f.replaced end" if corrupted else "NULL::VARCHAR"
     perturbation = perturbation_sql(recipe)
-    facts_model = (recipe.data.get("perturb") or {}).get("facts_model")
+    facts_model = (recipe.perturb or {}).get("facts_model")
     if facts_model and not con.execute("select count(*) from option_facts where model = ?", [facts_model]).fetchall()[0][0]:
         raise recipe.error(("perturb", "facts_model"),
                            f"the store has no facts from {facts_model!r}; run `engine facts --model {facts_model}` first")
-    facts_join = "left join facts f using (sample_id)" if corrupted or recipe.data.get("perturb") else ""
+    facts_join = "left join facts f using (sample_id)" if corrupted or recipe.perturb else ""
     decisions = con.sql(
         f"""select p.pos, s.group_id, s.captioned,
                    case when s.captioned then {joiner} || c.caption end as suffix, {replacement} as replacement,
@@ -425,7 +424,7 @@ def _write_mixture(con, dataset, decisions: pa.Table, tmp: Path, recipe: Recipe,
     """Stream the selected rows (and their perturbed variants) into the output formats; returns file
     hashes and the variants written per perturbation."""
     output = recipe.output
-    perturber = Perturber(con, dataset, recipe.data["perturb"]) if recipe.data.get("perturb") else None
+    perturber = Perturber(con, dataset, recipe.perturb) if recipe.perturb else None
     planned = len(decisions) + (len(decisions) - decisions.column("perturbation").null_count)
     writer = MixtureWriter(tmp, output["formats"], planned, output["shard_rows"], fingerprint)
     written: dict[str, int] = {}

@@ -75,12 +75,18 @@ class Recipe:
 
     # -- the recipe with its defaults filled in -----------------------------------------------------
     @property
+    def filled(self) -> dict:
+        """``data`` with every absent key that has a ``default`` in the schema filled in (the one place
+        recipe defaults live: ``schemas/recipe.schema.json``)."""
+        return with_defaults(recipe_schema(), self.data)
+
+    @property
     def name(self) -> str:
         return self.data["name"]
 
     @property
     def seed(self) -> int:
-        return self.data.get("seed", 0)
+        return self.filled["seed"]
 
     @property
     def where(self) -> str | None:
@@ -88,33 +94,54 @@ class Recipe:
 
     @property
     def mixture(self) -> dict:
-        return {"group_by": "category", "temperature": 0.5, "category_temperature": 1.0, **self.data["mixture"]}
+        return self.filled["mixture"]
 
     @property
     def redundancy(self) -> dict | None:
-        raw = self.data.get("redundancy")
-        if raw is None:
-            return None
-        return {"mode": "tier", "basis": "mixture", "prefix": "", "on_missing": "fail", "salt": "redundancy-tier", **raw}
+        return self.filled.get("redundancy")
+
+    @property
+    def perturb(self) -> dict | None:
+        return self.filled.get("perturb")
+
+    @property
+    def answers(self) -> str:
+        return self.filled["answers"]
 
     @property
     def output(self) -> dict:
-        return {"formats": ["parquet", "hf"], "shard_rows": 50000, **self.data["output"]}
+        return self.filled["output"]
 
     def effective(self) -> dict:
         """The recipe as built: every default spelled out (what the manifest records and hashes).
         ``output.path`` is left out: where a mixture is written does not change what it is."""
-        data = copy.deepcopy(self.data)
-        data["seed"] = self.seed
-        data["mixture"] = self.mixture
-        data["output"] = {k: v for k, v in self.output.items() if k != "path"}
-        if self.redundancy is not None:
-            data["redundancy"] = self.redundancy
+        data = self.filled
+        data["output"] = {k: v for k, v in data["output"].items() if k != "path"}
         return data
 
     def sha256(self) -> str:
         text = json.dumps(self.effective(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+def with_defaults(schema: dict, value):
+    """A copy of ``value`` with the schema's ``default``s filled in wherever a key is absent, recursing into
+    ``properties``, ``additionalProperties`` and the branch an ``if``/``then``/``else`` takes."""
+    if not isinstance(value, dict) or not isinstance(schema, dict):
+        return copy.deepcopy(value)
+    properties = schema.get("properties", {})
+    out = {key: copy.deepcopy(sub["default"]) for key, sub in properties.items() if key not in value and "default" in sub}
+    extra = schema.get("additionalProperties")
+    for key, item in value.items():
+        sub = properties.get(key, extra if isinstance(extra, dict) else None)
+        out[key] = with_defaults(sub, item) if sub is not None else copy.deepcopy(item)
+    for branch in schema.get("allOf", []):
+        if "if" in branch:
+            taken = branch.get("then" if jsonschema.Draft202012Validator(branch["if"]).is_valid(out) else "else")
+            out = with_defaults(taken, out) if taken else out
+        else:
+            out = with_defaults(branch, out)
+    return out
 
 
 def _apply_override(data: dict, assignment: str) -> tuple:
