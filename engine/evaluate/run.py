@@ -169,6 +169,7 @@ def evaluate(backend: Backend, items: list[dict], out: str | Path, config: EvalC
     table = pa.Table.from_pylist(records)
     pq.write_table(table, out / "predictions.parquet")
     report = summarise(records, config)
+    report["model"] = {"name": backend.name, "adapter": getattr(backend, "adapter", None)}  # which weights were measured
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     (out / "report.txt").write_text(format_report(report))
     plot(report, out)
