@@ -319,8 +319,7 @@ def train(mixture: str | Path, model_id: str, out: str | Path, config: TrainConf
         output_dir=str(checkpoints), per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=accumulation,
         learning_rate=config.learning_rate, warmup_steps=config.warmup_ratio, num_train_epochs=config.epochs,
         max_steps=config.max_steps, weight_decay=config.weight_decay, lr_scheduler_type="linear", seed=config.seed,
-        data_seed=config.seed, bf16=bf16, use_cpu=not cuda, gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # PGD needs input gradients through checkpoints
+        data_seed=config.seed, bf16=bf16, use_cpu=not cuda, **_checkpointing_arguments(checkpointing),
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
         logging_steps=config.logging_steps, report_to=[], disable_tqdm=True, remove_unused_columns=False,
         dataloader_num_workers=config.num_workers, save_only_model=False)
@@ -364,6 +363,18 @@ def train(mixture: str | Path, model_id: str, out: str | Path, config: TrainConf
     (out / "train_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     plot_losses(steps, out / "loss.png")
     return manifest
+
+
+def _checkpointing_arguments(enabled: bool) -> dict:
+    """Non-reentrant activation checkpointing (PGD needs input gradients through the checkpoints), under the
+    argument names of the installed transformers (``activation_checkpointing`` from 5.x on)."""
+    import inspect
+
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing" if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters \
+        else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def _save_processor(processor, out: Path) -> None:
