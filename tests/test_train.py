@@ -334,7 +334,7 @@ def _adapter_weights(folder: Path) -> dict:
 @pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_adapter(mixture, tiny_vlm, tmp_path):
     command = [sys.executable, "-m", "engine.cli", "train", str(mixture), "--model", tiny_vlm, "--method", "full",
-               "--batch-size", "1", "--effective-batch", "1", "--max-steps", "14", "--save-steps", "2", "--quiet",
+               "--batch-size", "1", "--effective-batch", "1", "--max-steps", "10", "--save-steps", "2", "--quiet",
                "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run(command + ["--out", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
@@ -353,7 +353,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(mixture, tiny_vlm, tmp_path):
     for name in whole:
         assert torch.allclose(whole[name], resumed[name], atol=1e-6), name
     steps = json.loads((tmp_path / "killed" / "train_manifest.json").read_text())["steps"]
-    assert [s["step"] for s in steps] == list(range(1, 15))
+    assert [s["step"] for s in steps] == list(range(1, 11))
 
 
 def test_resume_without_checkpoint_and_rerun_over_checkpoints_fail_with_one_line(mixture, tiny_vlm, tmp_path):
