@@ -22,8 +22,8 @@ from engine.cli import main
 from engine.recipes.output import MIXTURE_SCHEMA
 from engine.train import TrainConfig, train
 from engine.train.data import (ChatEncoder, GroupBatchSampler, GroupCollator, IGNORE, prepare_examples, read_mixture)
-from engine.train.objective import (answer_logits, consistency, cross_entropy, embedding_perturbation, js_divergence,
-                                    kl_divergence, pgd_perturbation)
+from engine.train.objective import (consistency, embedding_perturbation, js_divergence, kl_divergence, merged_embeddings,
+                                    pgd_perturbation, without_vision)
 from engine.train.trainer import _image_token_id, load_model, lora_target_regex, prepare_model
 from test_generate import ARCHITECTURES, images_only_backend
 
@@ -194,7 +194,7 @@ def test_pgd_changes_only_the_masked_embeddings_and_stays_in_the_epsilon_ball(sm
         assert not bool((mask & (labels != IGNORE)).any()) and not bool((mask & (inputs["attention_mask"] == 0)).any())
     torch.manual_seed(0)
     epsilon = 1e-3
-    delta, stats = pgd_perturbation(model, inputs, labels, mask, epsilon, alpha=10.0, steps=3, hidden_size=32)
+    delta, stats = pgd_perturbation(model, inputs, labels, mask, epsilon, alpha=10.0, steps=3)
     bound = float(torch.tensor(epsilon))  # epsilon in float32
     assert float(delta.abs().max()) <= bound and stats.delta_max <= bound
     assert bool((delta[~mask] == 0).all())
@@ -212,7 +212,15 @@ def test_pgd_changes_only_the_masked_embeddings_and_stays_in_the_epsilon_ball(sm
             handle = capture()
             model(**inputs)
             handle.remove()
-    clean, perturbed = seen
+        # the trainer's path: merged embeddings computed once, later passes without the pixels
+        with embedding_perturbation(model, delta, mask, merged_embeddings(model, inputs)):
+            handle = capture()
+            cached_logits = model(**without_vision(inputs)).logits
+            handle.remove()
+        with embedding_perturbation(model, delta, mask):
+            full_logits = model(**inputs).logits
+    clean, perturbed, cached = seen
+    assert torch.equal(perturbed, cached) and torch.allclose(full_logits, cached_logits, atol=1e-6)
     assert torch.equal(clean[~mask], perturbed[~mask])  # bitwise
     assert not torch.equal(clean[mask], perturbed[mask])
 
@@ -380,3 +388,21 @@ def test_the_adapter_loads_in_engine_eval(mixture, tiny_vlm, tmp_path):
     result = CliRunner().invoke(main, ["eval", "--model", tiny_vlm, "--adapter", str(tmp_path), "--dataset", str(mixture / "parquet"),
                                        "--out", str(tmp_path / "eval2")])
     assert result.exit_code == 2 and "not a peft adapter folder" in result.output
+
+
+@pytest.mark.parametrize("architecture", ["qwen2.5-vl", "llava-onevision"])
+def test_the_vision_tower_runs_once_per_pgd_yet_the_perturbed_logits_are_unchanged(architecture, models):
+    """PGD reuses the merged embeddings and drops the pixels from its passes; on Qwen2.5-VL (M-RoPE positions
+    from image_grid_thw) and LLaVA-OneVision (anyres tiles) that gives the same logits as the full forward."""
+    folder = models[architecture]
+    model, processor = load_model(folder, "cpu", "float32", _processor(architecture, folder))
+    batch, _ = _batch(model, processor, [row("a", "what color is the shape?", "red", "text_heavy"),
+                                         row("b", "what is it?", "blue circle", "image_heavy", "blue")])
+    inputs, mask = batch["adv_inputs"], batch["adv_mask"]
+    delta = torch.where(mask[..., None], torch.full((*mask.shape, model.config.text_config.hidden_size), 1e-3), 0.0)
+    with torch.no_grad():
+        with embedding_perturbation(model, delta, mask):
+            full = model(**inputs).logits
+        with embedding_perturbation(model, delta, mask, merged_embeddings(model, inputs)):
+            cached = model(**without_vision(inputs)).logits
+    assert torch.allclose(full, cached, atol=1e-6)

@@ -73,15 +73,53 @@ def answer_rows(logits: torch.Tensor, targets: torch.Tensor, row: int) -> tuple[
     return logits[row][keep], targets[row][keep]
 
 
-@contextmanager
-def embedding_perturbation(model, delta: torch.Tensor, mask: torch.Tensor):
-    """While active, the language model receives inputs_embeds + δ where ``mask`` (B, L) is set and the
-    untouched embedding elsewhere (``torch.where``, so those stay bitwise equal). A forward pre-hook on the
-    language model fires after the image features have been merged into the embeddings, for every
-    architecture that hands ``inputs_embeds`` to its language model (Idefics3, Qwen2.5-VL, LLaVA-OneVision)."""
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the language model's inputs are known."""
+
+
+VISION_INPUTS = ("pixel_values", "pixel_attention_mask")
+
+
+def merged_embeddings(model, inputs: dict) -> torch.Tensor:
+    """The language model's input embeddings with the image features merged in, as the model computes them;
+    the forward stops at the language model's door (a pre-hook raises), so only the embedding lookup and the
+    vision side run. PGD reuses them for its K + 1 passes instead of re-running the vision tower each time
+    (the vision side is frozen in every mode, so nothing is lost; with ``--full`` the token embeddings keep
+    their graph)."""
+    box = {}
 
     def hook(module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
+        box["embeds"] = kwargs.get("inputs_embeds")
+        raise _Stop
+
+    handle = model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if box.get("embeds") is None:
+        raise RuntimeError("the language model was not given inputs_embeds; cannot perturb its inputs")
+    return box["embeds"]
+
+
+def without_vision(inputs: dict) -> dict:
+    """The inputs minus the pixels: with the merged embeddings supplied by the hook, the vision tower need
+    not run again (Qwen2.5-VL keeps ``image_grid_thw`` for its M-RoPE positions)."""
+    return {k: v for k, v in inputs.items() if k not in VISION_INPUTS}
+
+
+@contextmanager
+def embedding_perturbation(model, delta: torch.Tensor, mask: torch.Tensor, base: torch.Tensor | None = None):
+    """While active, the language model receives embeddings + δ where ``mask`` (B, L) is set and the
+    untouched embedding elsewhere (``torch.where``, so those stay bitwise equal). The embeddings are ``base``
+    (from ``merged_embeddings``) when given, else those the model computed. A forward pre-hook on the language
+    model fires after the image features have been merged, for every architecture that hands
+    ``inputs_embeds`` to its language model (Idefics3, Qwen2.5-VL, LLaVA-OneVision)."""
+
+    def hook(module, args, kwargs):
+        embeds = base if base is not None else kwargs.get("inputs_embeds")
         if embeds is None:
             raise RuntimeError("the language model was not given inputs_embeds; cannot perturb its inputs")
         perturbed = (embeds.float() + delta).to(embeds.dtype)
@@ -102,21 +140,24 @@ class PGDStats:
 
 
 def pgd_perturbation(model, inputs: dict, labels: torch.Tensor, mask: torch.Tensor, epsilon: float, alpha: float,
-                     steps: int, hidden_size: int) -> tuple[torch.Tensor, PGDStats]:
+                     steps: int, base: torch.Tensor | None = None) -> tuple[torch.Tensor, PGDStats]:
     """δ maximising the answer CE within ‖δ‖∞ ≤ ε on the masked positions (§4.1, raw-gradient PGD).
 
     δ starts Gaussian, scaled so that its largest entry is ε, then takes ``steps`` steps
     δ ← Π_ε(δ + α·∇δ CE) with the raw gradient (no sign), computed with ``torch.autograd.grad`` on δ alone
-    (the weights receive no gradient from these passes). Returns δ (fp32, zero outside ``mask``)."""
-    shape = (*mask.shape, hidden_size)
-    noise = torch.randn(shape, device=mask.device)
+    (the weights receive no gradient from these passes). ``base``: the merged embeddings, computed here when
+    not given. Returns δ (fp32, zero outside ``mask``)."""
+    if base is None:
+        base = merged_embeddings(model, inputs)
+    text_inputs = without_vision(inputs)
+    noise = torch.randn(base.shape, device=base.device)
     scale = noise.abs().amax().clamp_min(1e-12)
     delta = torch.where(mask[..., None], noise * (epsilon / scale), 0.0)
     ratio = 0.0
     for _ in range(steps):
         delta.requires_grad_(True)
-        with embedding_perturbation(model, delta, mask):
-            logits, targets = answer_logits(model, inputs, labels)
+        with embedding_perturbation(model, delta, mask, base):
+            logits, targets = answer_logits(model, text_inputs, labels)
             loss = cross_entropy(logits, targets)
         (gradient,) = torch.autograd.grad(loss, delta)
         step = alpha * gradient

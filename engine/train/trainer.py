@@ -21,7 +21,7 @@ import torch
 from engine.train.data import (ChatEncoder, GroupBatchSampler, GroupCollator, MixtureError, prepare_examples,
                                read_mixture)
 from engine.train.objective import (answer_logits, answer_rows, consistency, cross_entropy, embedding_perturbation,
-                                    pgd_perturbation)
+                                    merged_embeddings, pgd_perturbation, without_vision)
 
 METHODS = ("sft", "consistency", "adversarial", "full")
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -138,9 +138,9 @@ def make_trainer_class():
     class InterferenceTrainer(Trainer):
         """``Trainer`` with the interference objective in ``compute_loss`` and group-aware batches."""
 
-        def __init__(self, *args, objective: TrainConfig, sampler: GroupBatchSampler, hidden_size: int, **kwargs):
+        def __init__(self, *args, objective: TrainConfig, sampler: GroupBatchSampler, **kwargs):
             super().__init__(*args, **kwargs)
-            self.objective, self.group_sampler, self.hidden_size = objective, sampler, hidden_size
+            self.objective, self.group_sampler = objective, sampler
             self.model_accepts_loss_kwargs = False  # per-micro-batch means, divided by the accumulation steps
             self.terms: dict[str, list[float]] = {}
 
@@ -178,10 +178,11 @@ def make_trainer_class():
                 # PGD passes run on the unwrapped model: they need no gradient sync, and DDP allows one
                 # wrapped forward per backward
                 bare = self.accelerator.unwrap_model(model)
+                base = merged_embeddings(bare, adv_inputs)  # the vision side runs once, not K + 2 times
                 delta, stats = pgd_perturbation(bare, adv_inputs, adv_labels, adv_mask, objective.pgd_epsilon,
-                                                objective.pgd_alpha, objective.pgd_steps, self.hidden_size)
-                with embedding_perturbation(bare, delta, adv_mask):
-                    adv_logits, adv_targets = answer_logits(bare, adv_inputs, adv_labels)
+                                                objective.pgd_alpha, objective.pgd_steps, base)
+                with embedding_perturbation(bare, delta, adv_mask, base):
+                    adv_logits, adv_targets = answer_logits(bare, without_vision(adv_inputs), adv_labels)
                 ce_adv = cross_entropy(adv_logits, adv_targets)
                 loss = loss + ce_adv
                 clean_adv = cross_entropy(*_rows_of(logits, targets, adv_rows))
@@ -324,8 +325,7 @@ def train(mixture: str | Path, model_id: str, out: str | Path, config: TrainConf
         logging_steps=config.logging_steps, report_to=[], disable_tqdm=True, remove_unused_columns=False,
         dataloader_num_workers=config.num_workers, save_only_model=False)
     Trainer = make_trainer_class()
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, objective=config, sampler=sampler,
-                      hidden_size=int(text_config.hidden_size))
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, objective=config, sampler=sampler)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(ProgressCallback)
