@@ -283,11 +283,11 @@ def gate(ctx, tau, basis, where, interactions_run, adjust):
                f"(score run {plan.interactions_run}, adjust {plan.adjust}, c = {plan.adjust_constant:.4f})")
 
 
-def _backend(model: str, backend: str, device: str):
+def _backend(model: str, backend: str, device: str, adapter: str | None = None):
     from engine.generate import load_backend
 
     try:
-        return load_backend(model, backend, device)
+        return load_backend(model, backend, device, adapter=adapter)
     except (FileNotFoundError, RuntimeError, ValueError) as error:
         raise Fail(str(error)) from None
 
@@ -309,6 +309,7 @@ MODEL_HELP = "image-text-to-text model id or folder (SmolVLM/Idefics3, Qwen2.5-V
 @click.option("--model", default="Qwen/Qwen2.5-VL-32B-Instruct", show_default=True, help=MODEL_HELP)
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--adapter", type=click.Path(), help="a peft adapter folder (engine train OUT) applied on --model, unmerged")
 @click.option("--gate", "use_gate", is_flag=True, help="the rows the newest MI gate run selected")
 @click.option("--tier", type=float, help="the rows of this redundancy tier (u(id) < TIER)")
 @click.option("--where", callback=_where_flag, help="SQL filter over facts")
@@ -318,11 +319,11 @@ MODEL_HELP = "image-text-to-text model id or folder (SmolVLM/Idefics3, Qwen2.5-V
 @click.option("--commit-rows", default=64, show_default=True, help="commit whenever this many rows are done")
 @quiet_option()
 @click.pass_context
-def caption(ctx, model, backend, device, use_gate, tier, where, limit, batch_size, max_new_tokens, commit_rows, quiet):
+def caption(ctx, model, backend, device, adapter, use_gate, tier, where, limit, batch_size, max_new_tokens, commit_rows, quiet):
     """Caption the chosen rows' images (greedy); resumable, each row captioned once per captioner and prompt set."""
     from engine.generate import caption as run_caption
 
-    report = run_caption(_store(ctx), _backend(model, backend, device), where, use_gate, tier, limit, batch_size,
+    report = run_caption(_store(ctx), _backend(model, backend, device, adapter), where, use_gate, tier, limit, batch_size,
                          max_new_tokens, not quiet, commit_rows=commit_rows)
     _stage_summary(report, "captioned")
 
@@ -334,13 +335,14 @@ def caption(ctx, model, backend, device, use_gate, tier, where, limit, batch_siz
 @click.option("--where", callback=_where_flag, help="SQL filter over facts")
 @click.option("--limit", type=int)
 @click.option("--batch-size", default=8, show_default=True)
+@click.option("--adapter", type=click.Path(), help="a peft adapter folder (engine train OUT) applied on --model, unmerged")
 @click.option("--corrupted", is_flag=True, help="score the answers of the newest corruption run where a row is corrupted")
 @click.option("--report", is_flag=True, help="instead of scoring: precision/recall of PPL and Val_PPL against the corruption flags")
 @click.option("--plot", type=click.Path(), help="with --report: write the precision-recall plot here (PNG)")
 @click.option("--commit-rows", default=64, show_default=True, help="commit whenever this many rows are done")
 @quiet_option()
 @click.pass_context
-def validate(ctx, model, backend, device, where, limit, batch_size, corrupted, report, plot, commit_rows, quiet):
+def validate(ctx, model, backend, device, adapter, where, limit, batch_size, corrupted, report, plot, commit_rows, quiet):
     """PPL and Val_PPL (self-validation) of each answer; resumable. --report evaluates them."""
     from engine.generate import validate as run_validate
     from engine.generate import validation_report
@@ -353,7 +355,7 @@ def validate(ctx, model, backend, device, where, limit, batch_size, corrupted, r
         except OSError as error:  # --plot where no file can be written (e.g. under a file)
             raise Fail(f"cannot write {plot}: {error}") from None
         return
-    result = run_validate(_store(ctx), _backend(model, backend, device), where, limit, batch_size, corrupted, not quiet,
+    result = run_validate(_store(ctx), _backend(model, backend, device, adapter), where, limit, batch_size, corrupted, not quiet,
                           commit_rows)
     _stage_summary(result, "scored")
 
@@ -410,6 +412,7 @@ def facts(ctx, model, backend, device, where, salt, per_option, limit, batch_siz
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--where", callback=_where_flag, default="split = 'test'", show_default=True, help="evaluation rows: SQL filter over facts")
+@click.option("--adapter", type=click.Path(), help="a peft adapter folder (engine train OUT) applied on --model, unmerged")
 @click.option("--dataset", type=click.Path(exists=True), help="evaluate an HF dataset folder or Parquet files instead "
               "(texts, turns or messages layout, e.g. `engine export --format messages`)")
 @click.option("--limit", type=click.IntRange(min=1))
@@ -430,7 +433,7 @@ def facts(ctx, model, backend, device, where, salt, per_option, limit, batch_siz
               help="commit predictions whenever this many are done (a killed run resumes from there)")
 @quiet_option()
 @click.pass_context
-def eval_command(ctx, model, backend, device, where, dataset, limit, corruptions, severities, seeds, interference,
+def eval_command(ctx, model, backend, device, adapter, where, dataset, limit, corruptions, severities, seeds, interference,
                  interference_on, max_new_tokens, batch_size, prompt_suffix, out, overwrite, commit_rows, quiet):
     """Evaluate a model on clean, corrupted and intervened inputs (accuracy, dP, causal effect, LI/VI).
     Resumable: run it again with the same options and it continues where a killed run stopped."""
@@ -445,8 +448,8 @@ def eval_command(ctx, model, backend, device, where, dataset, limit, corruptions
         items = load_items(store, where, dataset, limit)
         if not items:
             raise Fail(f"no evaluation rows: nothing matches {where!r}" if not dataset else f"{dataset} holds no rows")
-        report = evaluate(_backend(model, backend, device), items, out, config, progress=not quiet,
-                          identity={"backend": backend}, overwrite=overwrite, store=store, commit_rows=commit_rows)
+        report = evaluate(_backend(model, backend, device, adapter), items, out, config, progress=not quiet,
+                          identity={"backend": backend, "adapter": adapter}, overwrite=overwrite, store=store, commit_rows=commit_rows)
     except EvalError as error:
         raise Fail(str(error)) from None
     click.echo(format_report(report).rstrip())
@@ -492,6 +495,79 @@ def build(ctx, recipe, overrides, quiet):
     for category, count in rows["by_category"].items():
         click.echo(f"  {category:<{width}}  {count:>8}  captioned {rows['captioned_by_category'][category]:>8}")
     click.echo(f"manifest sha256 {result.manifest_sha256}")
+
+
+@main.command()
+@click.argument("mixture", type=click.Path())
+@click.option("--model", required=True, help="base model: hub id or local folder (SmolVLM/Idefics3, Qwen2.5-VL, LLaVA-OneVision)")
+@click.option("--method", type=click.Choice(["sft", "consistency", "adversarial", "full"]), default="full", show_default=True,
+              help="sft: CE; consistency: CE + w*JS(original, variant); adversarial: CE + CE_adv (PGD); full: all three")
+@click.option("--out", required=True, type=click.Path(), help="folder for the adapter, processor, train_manifest.json, loss.png")
+@click.option("--full", "full_finetune", is_flag=True, help="fine-tune the whole language model (vision side frozen) instead of LoRA")
+@click.option("--lr", "learning_rate", default=5e-5, show_default=True, help="learning rate (Self-Captioning App. C.1)")
+@click.option("--warmup", "warmup_ratio", default=0.03, show_default=True, help="share of steps warming up linearly")
+@click.option("--epochs", default=1.0, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, help="groups (original + its variants) per micro-batch and device")
+@click.option("--effective-batch", default=64, show_default=True, help="groups per optimizer step (gradient accumulation fills it)")
+@click.option("--max-steps", default=-1, show_default=True, help="stop after this many optimizer steps (-1: the epochs)")
+@click.option("--max-length", type=int, help="skip rows with more tokens (default: the model's context)")
+@click.option("--consistency", type=click.Choice(["js", "kl"]), default="js", show_default=True, help="divergence (App. D)")
+@click.option("--consistency-weight", default=0.01, show_default=True, help="w (App. D)")
+@click.option("--temperature", default=1.0, show_default=True, help="T of softmax(z/T) in the consistency term (App. D)")
+@click.option("--anchor-gradient", is_flag=True, help="let the original's distribution P carry gradient (default: stop-gradient)")
+@click.option("--pgd-alpha", default=0.1, show_default=True, help="PGD step size alpha (App. D)")
+@click.option("--pgd-epsilon", default=1e-3, show_default=True, help="PGD L-inf radius epsilon (App. D; 1e-4 for 13B)")
+@click.option("--pgd-steps", default=2, show_default=True, help="PGD steps K (App. D.1)")
+@click.option("--lora-r", default=8, show_default=True, help="LoRA rank (SmolVLM fine-tuning recipe)")
+@click.option("--lora-alpha", default=8, show_default=True)
+@click.option("--lora-dropout", default=0.1, show_default=True)
+@click.option("--seed", default=42, show_default=True, help="group order, LoRA init, PGD noise")
+@click.option("--save-steps", default=50, show_default=True, help="checkpoint every N optimizer steps")
+@click.option("--resume", is_flag=True, help="continue from the last checkpoint in OUT/checkpoints")
+@click.option("--device", default="auto", show_default=True, help="auto: CUDA when present (bf16 + gradient checkpointing), else CPU")
+@click.option("--num-workers", default=0, show_default=True, help="data loader processes (image decoding and processing)")
+@click.option("--quiet", is_flag=True)
+def train(mixture, model, method, out, full_finetune, learning_rate, warmup_ratio, epochs, batch_size, effective_batch, max_steps,
+          max_length, consistency, consistency_weight, temperature, anchor_gradient, pgd_alpha, pgd_epsilon, pgd_steps, lora_r,
+          lora_alpha, lora_dropout, seed, save_steps, resume, device, num_workers, quiet):
+    """Fine-tune MODEL on a built MIXTURE (LoRA SFT, JS consistency, PGD on the irrelevant modality).
+
+    Many GPUs: accelerate launch --config_file configs/accelerate/ddp.yaml -m engine.cli train MIXTURE ..."""
+    from engine.train import MixtureError, TrainConfig, TrainError
+    from engine.train import train as run_train
+
+    # a knob of a term the chosen method does not have is a mistake, not a no-op
+    source = click.get_current_context().get_parameter_source
+    explicit = lambda name: source(name) == click.core.ParameterSource.COMMANDLINE  # noqa: E731
+    unused = {"consistency": ("consistency", "consistency_weight", "temperature", "anchor_gradient"),
+              "adversarial": ("pgd_alpha", "pgd_epsilon", "pgd_steps"), "lora": ("lora_r", "lora_alpha", "lora_dropout")}
+    for term, names in unused.items():
+        active = {"consistency": method in ("consistency", "full"), "adversarial": method in ("adversarial", "full"),
+                  "lora": not full_finetune}[term]
+        given = [name for name in names if explicit(name)]
+        if given and not active:
+            where = "with --full" if term == "lora" else f"with --method {method}"
+            raise Fail(f"--{given[0].replace('_', '-')} has no effect {where}")
+
+    config = TrainConfig(method=method, full=full_finetune, learning_rate=learning_rate, warmup_ratio=warmup_ratio, epochs=epochs,
+                         batch_size=batch_size, effective_batch=effective_batch, max_steps=max_steps, max_length=max_length,
+                         consistency=consistency, consistency_weight=consistency_weight, temperature=temperature,
+                         anchor_gradient=anchor_gradient, pgd_alpha=pgd_alpha, pgd_epsilon=pgd_epsilon, pgd_steps=pgd_steps,
+                         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, seed=seed, save_steps=save_steps,
+                         resume=resume, device=device, num_workers=num_workers)
+    try:
+        manifest = run_train(mixture, model, out, config, progress=not quiet)
+    except (MixtureError, TrainError) as error:
+        raise Fail(str(error)) from None
+    if not manifest:
+        return  # not the main process
+    rows = manifest["rows"]
+    skipped = ", ".join(f"{n} {reason}" for reason, n in rows["skipped"].items()) or "none"
+    last = manifest["steps"][-1] if manifest["steps"] else {}
+    terms = ", ".join(f"{k} {last[k]:.4f}" for k in ("ce", "ce_adv", "consistency") if k in last)
+    click.echo(f"{manifest['global_step']} steps on {rows['used']} rows ({rows['pairs']} variant pairs; skipped: {skipped}); "
+               f"last step: {terms}")
+    click.echo(f"{'model' if full_finetune else 'adapter'}, processor, train_manifest.json and loss.png in {out}")
 
 
 @main.command()

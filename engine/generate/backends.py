@@ -79,12 +79,25 @@ def _messages(request: Request) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+def _with_adapter(model, adapter: str):
+    """``model`` with the peft adapter in folder ``adapter`` (one-line errors for a missing or foreign one)."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter} is not a peft adapter folder (no adapter_config.json); "
+                                "a --full run wrote a whole model: pass it as --model instead")
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except (ValueError, RuntimeError, KeyError) as error:
+        raise RuntimeError(f"cannot apply adapter {adapter!r}: {_first_line(error)}") from None
+
+
 class TransformersBackend(Backend):
     """An image-text-to-text model through ``AutoProcessor`` and ``AutoModelForImageTextToText``."""
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", processor=None):
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", processor=None, adapter: str | None = None):
         """``processor``: use this processor instead of the folder's own (for example one built with other
-        image sizes)."""
+        image sizes). ``adapter``: a peft adapter folder (``engine train`` output) applied on the model, unmerged."""
         import inspect
 
         import torch
@@ -95,7 +108,10 @@ class TransformersBackend(Backend):
         try:
             self.processor = processor if processor is not None else AutoProcessor.from_pretrained(model)
             torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
-            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype).to(device).eval()
+            self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype)
+            if adapter is not None:
+                self.model = _with_adapter(self.model, adapter)
+            self.model = self.model.to(device).eval()
         except OSError as error:
             raise FileNotFoundError(f"cannot load model {model!r}: {_first_line(error)}") from None
         except ImportError as error:  # e.g. Qwen2.5-VL's processor needs torchvision for its video part
@@ -103,8 +119,12 @@ class TransformersBackend(Backend):
             raise RuntimeError(f"cannot load model {model!r}: {sentence} (install the missing package)") from None
         self.processor.tokenizer.padding_side = "left"  # decoder-only batching
         self.name, self.device = model_identity(model), device  # one name per model, however it is spelled
+        self.adapter = model_identity(adapter) if adapter else None
+        if self.adapter:  # captions and scores of base + adapter are other facts than the base model's
+            self.name = f"{self.name}+{self.adapter}"
         self.model_seconds = self.prepare_seconds = 0.0
-        self.trims_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        base = self.model.get_base_model() if adapter is not None else self.model
+        self.trims_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
 
     @property
     def context_length(self) -> int:
@@ -261,14 +281,18 @@ class VLLMBackend(Backend):
         return scores
 
 
-def load_backend(model: str, backend: str = "transformers", device: str = "cpu", dtype: str = "auto") -> Backend:
+def load_backend(model: str, backend: str = "transformers", device: str = "cpu", dtype: str = "auto",
+                 adapter: str | None = None) -> Backend:
     """A backend for a model id or folder; fails at once, with one line, if the model cannot be loaded.
-    ``dtype``: "auto" (the model's own), or a torch dtype name such as "bfloat16" or "float32"."""
+    ``dtype``: "auto" (the model's own), or a torch dtype name such as "bfloat16" or "float32".
+    ``adapter``: a peft adapter folder applied on the model (transformers backend)."""
+    if backend == "vllm" and adapter is not None:
+        raise ValueError("--adapter works with the transformers backend; merge the adapter to serve it with vLLM")
     if backend == "vllm":
         return VLLMBackend(model, dtype=dtype)
     if backend != "transformers":
         raise ValueError(f"unknown backend {backend!r}; choose transformers or vllm")
-    return TransformersBackend(model, device, dtype)
+    return TransformersBackend(model, device, dtype, adapter=adapter)
 
 
 def perplexity(log_probs: list[float]) -> float:
