@@ -63,7 +63,8 @@ def capture(backend: TransformersBackend, requests: list[Request], questions: li
             seen[name] = hidden.detach()
         return hook
 
-    handles = [decoder.register_forward_pre_hook(take_inputs, with_kwargs=True)]
+    # prepended: X1 is what the projector produced, whatever other hooks then do to the decoder's input
+    handles = [decoder.register_forward_pre_hook(take_inputs, with_kwargs=True, prepend=True)]
     for layer in layers:
         # output_hidden_states[L] is the last block's output after the final norm: hook the norm there
         last = layer == len(decoder.layers) and hasattr(decoder, "norm")

@@ -83,7 +83,7 @@ def select_rows(store: Store, condition: str, done: set[str], limit: int | None 
         f"""select f.sample_id, p.pos, f.subset, f.label, f.turns[1].user as question, {answer} as answer
         from facts f join sample_positions p using (sample_id) where {condition} order by f.sample_id"""
     ).to_arrow_table()
-    keep = pa.array([sid not in done for sid in table.column("sample_id").to_pylist()])
+    keep = pa.array([sid not in done for sid in table.column("sample_id").to_pylist()], pa.bool_())  # typed: may be empty
     table = table.filter(keep)
     return Selection(table.slice(0, limit) if limit is not None else table, dataset)
 
