@@ -237,21 +237,42 @@ def zero_image_features(backend):
     return [backend.model.register_forward_pre_hook(remember_ids, with_kwargs=True), decoder.register_forward_pre_hook(blank, with_kwargs=True)]
 
 
-@pytest.mark.slow
-def test_a_model_blind_to_the_image_gets_an_image_share_within_the_shuffled_baseline(sample_store, tiny_vlm):
-    from engine.attribution.run import AttributeConfig, attribute
+def noise_image_dataset(folder, rows: int = 240):
+    """Random-pixel images under four questions, in the Cauldron Parquet layout."""
+    import io
 
-    blind = load_backend(tiny_vlm)
-    handles = zero_image_features(blind)
-    try:
-        report = attribute(sample_store, blind, limit=240, config=AttributeConfig(bootstrap=0, shuffles=20), progress=False)
-    finally:
+    from conftest import cauldron_parquet, qa
+
+    rng = np.random.default_rng(0)
+    questions = ["what color is the shape?", "what shape is in the image?", "Describe this image.", "Is it round?"]
+    def noise() -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(out, format="PNG")
+        return out.getvalue()
+    cauldron_parquet(folder / "train-0.parquet", [([noise()], qa(questions[i % 4], "red")) for i in range(rows)])
+    return folder
+
+
+@pytest.mark.slow
+def test_a_model_blind_to_the_image_gets_an_image_share_within_the_shuffled_baseline(tiny_vlm, tmp_path):
+    """The same tiny model, once as it is and once with its image features zeroed before the decoder: the
+    blind one's U_I stays within the shuffled-pairing baseline (and so does its CI), the seeing one's does not."""
+    from engine.attribution.run import AttributeConfig, attribute
+    from engine.store import Store
+
+    dataset = str(noise_image_dataset(tmp_path / "noise"))
+    config = AttributeConfig(layers=[2], bootstrap=0, shuffles=20)
+    results = {}
+    for blind in (False, True):
+        model = load_backend(tiny_vlm)
+        handles = zero_image_features(model) if blind else []
+        results[blind] = attribute(Store(tmp_path / f"store-{blind}"), model, dataset=dataset, config=config, progress=False).rows[0]
         for handle in handles:
             handle.remove()
-    for row in report.rows:
-        baseline = json.loads(row["baseline"])["mean_and_q95"]
-        assert row["U_I"] <= baseline["U_I"][1]
-        assert row["CI"] <= baseline["CI"][1]
+    baseline = {blind: json.loads(row["baseline"])["mean_and_q95"] for blind, row in results.items()}
+    assert results[True]["U_I"] <= baseline[True]["U_I"][1] and results[True]["CI"] <= baseline[True]["CI"][1]
+    assert results[False]["U_I"] > baseline[False]["U_I"][1]
+    assert results[True]["U_T"] > baseline[True]["U_T"][1]  # the text still shows
 
 
 # -- the command ------------------------------------------------------------------------------------------

@@ -103,7 +103,14 @@ def select(store: Store, where: str | None, dataset: str | None, limit: int | No
 
 def _cache_folder(store: Store, backend: TransformersBackend, adapter: str | None, layers: list[int], pool: str,
                   ids: list[str], chunk_rows: int) -> Path:
+    def files(folder: str | None) -> list:
+        """A local folder's files with sizes and times: retraining into the same folder invalidates the cache."""
+        if not folder or not Path(folder).is_dir():
+            return []
+        return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).iterdir() if p.is_file())
+
     key = json.dumps({"model": backend.name, "adapter": adapter, "layers": layers, "pool": pool, "chunk_rows": chunk_rows,
+                      "files": [files(backend.name), files(adapter)],
                       "ids": hashlib.sha256("\n".join(ids).encode()).hexdigest()}, sort_keys=True)
     return store.root / "attribution_cache" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
@@ -245,11 +252,13 @@ def attribute(store: Store, backend: TransformersBackend, where: str | None = No
 
 def format_rows(rows: list[dict]) -> str:
     """One table per layer: the terms in bits with their bootstrap intervals, CT and CI, and the shuffled
-    baseline's 95th percentile of CI (a CI at or below it cannot be told from estimator bias)."""
+    baseline's 95th percentiles of U_I and U_T (a unique term at or below its baseline cannot be told from
+    the estimator's bias at this sample size)."""
     lines = []
     for layer in sorted({r["layer"] for r in rows}):
         lines.append(f"layer {layer}")
-        lines.append(f"  {'selection':<28}{'n':>7}" + "".join(f"{t:>20}" for t in TERMS) + f"{'CT':>8}{'CI':>8}{'CI shuffled q95':>17}")
+        lines.append(f"  {'selection':<28}{'n':>7}" + "".join(f"{t:>20}" for t in TERMS) + f"{'CT':>8}{'CI':>8}"
+                     + f"{'U_I shuffled q95':>18}{'U_T shuffled q95':>18}")
         for row in (r for r in rows if r["layer"] == layer):
             intervals = json.loads(row["intervals"])["intervals"]
             baseline = json.loads(row["baseline"])["mean_and_q95"]
@@ -258,9 +267,10 @@ def format_rows(rows: list[dict]) -> str:
                 low, high = intervals.get(term, [None, None])
                 span = f"[{low:.3f},{high:.3f}]" if low is not None else ""
                 cells.append(f"{row[term]:>7.3f} {span:>12}")
-            shuffled_ci = (baseline.get("CI") or [None, None])[1]
+            shuffled = [(baseline.get(term) or [None, None])[1] for term in ("U_I", "U_T")]
             lines.append(f"  {row['selection'][:28]:<28}{row['n']:>7}" + "".join(f"{c:>20}" for c in cells)
-                         + f"{_share(row['CT']):>8}{_share(row['CI']):>8}{_share(shuffled_ci):>17}")
+                         + f"{_share(row['CT']):>8}{_share(row['CI']):>8}"
+                         + "".join(f"{'' if v is None else f'{v:.3f}':>18}" for v in shuffled))
     return "\n".join(lines)
 
 
