@@ -348,7 +348,8 @@ def attribute(ctx, model, adapter, device, dtype, where, dataset, limit, layers,
     for group, size in report.skipped_groups.items():
         click.echo(f"  skipped subset {group!r}: {size} samples, not more than --clusters")
     click.echo(f"run {report.run_id}: {report.captured} samples captured, {report.cached} from the cache, {report.rejected} rejected; "
-               f"forward passes {report.forward_seconds:.1f} s, decomposition {report.pid_seconds:.1f} s; plot {report.plot}")
+               f"forward passes {report.forward_seconds:.1f} s, processor {report.processor_seconds:.1f} s, "
+               f"decomposition {report.pid_seconds:.1f} s; plot {report.plot}")
 
 
 @main.command()

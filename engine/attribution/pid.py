@@ -59,7 +59,7 @@ def _mutual_information(pxy: np.ndarray) -> float:
 
 
 def min_synergy_information(joint: np.ndarray, tol: float = 1e-11, max_iter: int = 800, omega: float = 1.8,
-                            check_every: int = 50) -> tuple[float, float, int]:
+                            check_every: int = 100) -> tuple[float, float, int]:
     """min over Δ_P of I_Q(X1, X2; Y), in nats.
 
     Parameters
@@ -78,21 +78,24 @@ def min_synergy_information(joint: np.ndarray, tol: float = 1e-11, max_iter: int
     The minimum found, the duality gap that bounds its error, and the iterations used.
     """
     p1y, p2y, py = joint.sum(1), joint.sum(0), joint.sum((0, 1))
-    rows, cols = p1y > 0, p2y > 0
     entropy_y = -float(np.sum(_xlogy(py, py)))
+    tiny = np.finfo(float).tiny  # R @ b is 0 only where P(x1, y) is 0 too, and 0 / tiny = 0 keeps it there
     # start: Q0 = P(x1|y) P(x2|y) P(y), whose (x1, x2) marginal is positive wherever some Q in Δ_P can be
     R = p1y @ (p2y / np.where(py > 0, py, 1.0)).T
-    b = cols.astype(float)
+    b = (p2y > 0).astype(float)
+
+    def sweep(R, b):
+        a = p1y / np.maximum(R @ b, tiny)
+        return a, p2y / np.maximum(R.T @ a, tiny)
+
     best, gap, iterations = math.inf, math.inf, 0
     for iterations in range(1, max_iter + 1):
-        a = np.divide(p1y, R @ b, out=np.zeros_like(p1y), where=rows)
-        b = np.divide(p2y, R.T @ a, out=np.zeros_like(p2y), where=cols)
-        S = a @ b.T  # Σ_y a(x1,y) b(x2,y); 1 on the support of R at the optimum
-        if iterations % check_every == 0 or iterations == max_iter or iterations == 1:
-            # tighten the rows (the columns are exact after the b-step) so Q is in Δ_P to rounding
-            for _ in range(50):
-                a = np.divide(p1y, R @ b, out=np.zeros_like(p1y), where=rows)
-                b = np.divide(p2y, R.T @ a, out=np.zeros_like(p2y), where=cols)
+        a, b = sweep(R, b)
+        S = a @ b.T  # Σ_y a(x1,y) b(x2,y); 1 on the support of R at the optimum, 0 only where R is 0
+        if iterations % check_every == 0 or iterations == max_iter:
+            # tighten the rows (the columns are exact after a sweep) so that Q is in Δ_P to rounding
+            for _ in range(100):
+                a, b = sweep(R, b)
                 if np.abs(a * (R @ b) - p1y).sum() < 1e-15:
                     break
             S = a @ b.T
@@ -105,7 +108,7 @@ def min_synergy_information(joint: np.ndarray, tol: float = 1e-11, max_iter: int
             gap = max(best - dual, 0.0)
             if gap < tol:
                 break
-        R = R * np.where(S > 0, S, 1.0) ** omega
+        R *= S**omega
         R /= R.sum()
     return entropy_y + best, gap, iterations
 

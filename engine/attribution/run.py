@@ -50,7 +50,8 @@ class AttributeReport:
     captured: int = 0  # samples whose representations were captured in this run (not from the cache)
     cached: int = 0
     rejected: int = 0
-    forward_seconds: float = 0.0  # model forward passes (and the model's own input processor)
+    forward_seconds: float = 0.0  # model forward passes
+    processor_seconds: float = 0.0  # the model's own input processor (chat template, tokenising, image preprocessing)
     pid_seconds: float = 0.0  # discretisation, decomposition, bootstrap and baseline
     seconds: float = 0.0
     plot: str | None = None
@@ -181,7 +182,7 @@ def attribute(store: Store, backend: TransformersBackend, where: str | None = No
     ids = selection.rows.column("sample_id").to_pylist()
     folder = _cache_folder(store, backend, adapter, layers, config.pool, ids, config.chunk_rows)
     folder.mkdir(parents=True, exist_ok=True)
-    before = backend.model_seconds + backend.prepare_seconds
+    model_before, processor_before = backend.model_seconds, backend.prepare_seconds
     chunks = []
     bar = tqdm(total=len(selection), desc=f"attribute ({backend.name})", unit="sample", disable=not progress)
     for index, start in enumerate(range(0, len(selection), config.chunk_rows)):
@@ -207,7 +208,8 @@ def attribute(store: Store, backend: TransformersBackend, where: str | None = No
         chunks.append(arrays)
         bar.update(min(config.chunk_rows, len(selection) - start))
     bar.close()
-    report.forward_seconds = backend.model_seconds + backend.prepare_seconds - before
+    report.forward_seconds = backend.model_seconds - model_before
+    report.processor_seconds = backend.prepare_seconds - processor_before
 
     names = ["image", "text", *(f"layer{layer}" for layer in layers)]
     data = {name: np.concatenate([c[name] for c in chunks if name in c]) if any(name in c for c in chunks) else None
@@ -242,7 +244,8 @@ def attribute(store: Store, backend: TransformersBackend, where: str | None = No
     settings = {**asdict(config), "layers": layers, "model": backend.name, "adapter": adapter, "where": where,
                 "dataset": dataset, "limit": limit, "cache": str(folder)}
     report.seconds = time.perf_counter() - clock
-    timing = {"forward_seconds": report.forward_seconds, "pid_seconds": report.pid_seconds, "seconds": report.seconds}
+    timing = {"forward_seconds": report.forward_seconds, "processor_seconds": report.processor_seconds,
+              "pid_seconds": report.pid_seconds, "seconds": report.seconds}
     store.record_run(report.run_id, "attribute", {**settings, **timing}, started, len(report.rows))
     if report.rows:
         report.plot = str(plot or store.root / "attributions" / f"{report.run_id}.png")
