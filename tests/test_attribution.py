@@ -313,3 +313,24 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(sample_store, tiny_vlm
     result = CliRunner().invoke(main, ["--store", str(sample_store.root), "attribute", "--model", tiny_vlm, "--quiet", *extra])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and message in result.output, result.output
     assert not sample_store.has("attributions")
+
+
+def test_an_adapter_is_loaded_on_the_model_and_recorded(sample_store, tiny_vlm, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from engine.attribution.run import load_attribution_backend
+
+    base = load_backend(tiny_vlm)
+    torch.manual_seed(0)
+    lora = get_peft_model(base.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    adapted = load_attribution_backend(tiny_vlm, str(tmp_path / "adapter"))
+    requests = images_and_questions(2)
+    with_adapter = capture(adapted, requests, [r.text for r in requests], [2], "last")["layer2"]
+    without = capture(load_backend(tiny_vlm), requests, [r.text for r in requests], [2], "last")["layer2"]
+    assert not np.allclose(with_adapter, without)  # the adapter's weights are in the forward pass
+    result = CliRunner().invoke(main, ["--store", str(sample_store.root), "attribute", "--model", tiny_vlm, "--adapter",
+                                       str(tmp_path / "adapter"), "--limit", "40", "--clusters", "4", "--components", "4",
+                                       "--bootstrap", "0", "--shuffles", "0", "--layers", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert sample_store.arrow("attributions").column("adapter").to_pylist() == [str(tmp_path / "adapter")]
