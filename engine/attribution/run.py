@@ -329,12 +329,12 @@ def load_attribution_backend(model: str, adapter: str | None = None, device: str
 
     from engine.generate.backends import load_backend
 
+    if adapter and not Path(adapter).is_dir():
+        raise FileNotFoundError(f"adapter {adapter!r} is not a folder")
     if adapter and "adapter" in inspect.signature(load_backend).parameters:
         return load_backend(model, "transformers", device, dtype, adapter=adapter)
     backend = load_backend(model, "transformers", device, dtype)
     if adapter:
-        if not Path(adapter).is_dir():
-            raise FileNotFoundError(f"adapter {adapter!r} is not a folder")
         from peft import PeftModel
 
         try:
