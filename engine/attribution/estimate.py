@@ -86,14 +86,14 @@ class Attribution:
     terms: dict  # R, U_I, U_T, S
     CT: float
     CI: float
-    intervals: dict = field(default_factory=dict)  # name -> [low, high] over bootstrap resamples
+    intervals: dict = field(default_factory=dict)  # name -> [low, high], basic bootstrap over samples
     shuffled: dict = field(default_factory=dict)  # name -> [mean, high] over shuffled pairings
 
 
 def attribute_labels(l1: np.ndarray, l2: np.ndarray, ly: np.ndarray, bootstrap: int = 50, shuffles: int = 10,
                      seed: int = 0, level: float = 0.95) -> Attribution:
-    """The BROJA terms of discretised image, text and target labels, with bootstrap intervals (resampling
-    samples with replacement, labels fixed) and the shuffled-pairing baseline (``shuffles`` permutations of
+    """The BROJA terms of discretised image, text and target labels, with basic bootstrap intervals
+    (resampling samples with replacement, labels fixed) and the shuffled-pairing baseline (``shuffles`` permutations of
     Y against the pairs (X1, X2); the interval's upper end is its ``level`` quantile)."""
     shape = (int(l1.max()) + 1, int(l2.max()) + 1, int(ly.max()) + 1)
     terms = _named(broja_pid(histogram(l1, l2, ly, shape)))
@@ -120,8 +120,18 @@ def attribute_labels(l1: np.ndarray, l2: np.ndarray, ly: np.ndarray, bootstrap: 
             pick = rng.integers(0, len(l1), len(l1))
             joint = histogram(l1[pick], l2[pick], ly[pick], shape)
             resampled.append(with_shares(_named(broja_pid(joint, max_iter=RESAMPLE_ITERATIONS))))
-        intervals = {name: [float(np.quantile(v, tail)), float(np.quantile(v, 1 - tail))] if len(v) else [None, None]
-                     for name, v in summary(resampled).items()}
+        # basic (pivotal) bootstrap: resampling with replacement duplicates samples, which biases every plug-in
+        # term of a resampled histogram upward, so percentile intervals would sit above the estimate; reflecting
+        # the resampled quantiles around it corrects for that bias. Terms stay >= 0 and shares in [0, 1].
+        point = with_shares(terms)
+        intervals = {}
+        for name, values in summary(resampled).items():
+            if not len(values) or not np.isfinite(point[name]):
+                intervals[name] = [None, None]
+                continue
+            low, high = 2 * point[name] - np.quantile(values, 1 - tail), 2 * point[name] - np.quantile(values, tail)
+            ceiling = 1.0 if name in ("CT", "CI") else np.inf
+            intervals[name] = [float(np.clip(low, 0.0, ceiling)), float(np.clip(high, 0.0, ceiling))]
     shuffled = {}
     if shuffles:
         rows = [with_shares(_named(broja_pid(histogram(l1, l2, rng.permutation(ly), shape), max_iter=RESAMPLE_ITERATIONS)))
