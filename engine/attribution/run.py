@@ -282,7 +282,8 @@ def _share(value) -> str:
 
 
 def plot_depth(rows: list[dict], path: str) -> None:
-    """Left: the four terms (bits) against depth, with bootstrap bands, for the largest selection. Right: CT
+    """Left: the four terms (bits) against depth, with bootstrap bands and the unique terms' shuffled
+    baselines, for the largest selection. Right: CT
     against depth for every selection (one line per subset with ``--by subset``) and the shuffled-pairing
     baseline of the largest."""
     import matplotlib
@@ -304,6 +305,10 @@ def plot_depth(rows: list[dict], path: str) -> None:
         bounds = [json.loads(r["intervals"])["intervals"].get(term, [None, None]) for r in chosen]
         if all(b[0] is not None for b in bounds):
             terms_axis.fill_between(layers, [b[0] for b in bounds], [b[1] for b in bounds], color=colours[term], alpha=0.15)
+    for term in ("U_I", "U_T"):  # a unique term under its shuffled baseline cannot be told from estimator bias
+        q95 = [(json.loads(r["baseline"])["mean_and_q95"].get(term) or [None, None])[1] for r in chosen]
+        if all(v is not None for v in q95):
+            terms_axis.plot(layers, q95, ":", color=colours[term], label=f"{term}, shuffled q95")
     terms_axis.set(xlabel="layer", ylabel="bits", title=f"BROJA terms ({main_selection[:40]}, n={chosen[0]['n']})")
     terms_axis.legend(fontsize=8)
     for index, selection in enumerate(selections):
