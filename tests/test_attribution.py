@@ -118,7 +118,7 @@ def test_a_histogram_of_ten_clusters_decomposes_in_well_under_50_ms():
     x1, x2 = rng.integers(0, 10, 2000), rng.integers(0, 10, 2000)
     joint = histogram(x1, x2, np.where(rng.random(2000) < 0.5, x1, x2), (10, 10, 10))
     times = []
-    for _ in range(5):
+    for _ in range(10):  # the fastest of ten: the machine is shared, and a busy neighbour only adds time
         start = time.perf_counter()
         broja_pid(joint)
         times.append(time.perf_counter() - start)
