@@ -457,6 +457,55 @@ def eval_command(ctx, model, backend, device, adapter, where, dataset, limit, co
 
 
 @main.command()
+@click.option("--model", default="HuggingFaceTB/SmolVLM-256M-Instruct", show_default=True, help=MODEL_HELP)
+@click.option("--adapter", type=click.Path(), help="a PEFT (LoRA) adapter folder to load on the model")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, help="auto (the model's own), float32, bfloat16, ...")
+@click.option("--where", help="SQL filter over facts (default: every sample)")
+@click.option("--dataset", type=click.Path(exists=True), help="attribute an HF dataset folder or Parquet files instead")
+@click.option("--limit", type=int, help="at most this many rows")
+@click.option("--layers", help="comma-separated decoder layers, 1 = the first (default: five spread over depth)")
+@click.option("--pool", type=click.Choice(["last", "mean"]), default="last", show_default=True,
+              help="hidden state at the last prompt token, or averaged over the prompt")
+@click.option("--components", default=10, show_default=True, help="PCA components before clustering")
+@click.option("--clusters", default=10, show_default=True, help="k-means clusters per variable")
+@click.option("--bootstrap", default=50, show_default=True, help="bootstrap resamples for the intervals (0: none)")
+@click.option("--shuffles", default=10, show_default=True, help="shuffled pairings for the baseline (0: none)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--by", type=click.Choice(["subset"]), help="one row per subset")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--plot", type=click.Path(), help="PNG of the terms and CT against depth (default: STORE/attributions/RUN.png)")
+@click.option("--quiet", is_flag=True)
+@click.pass_context
+def attribute(ctx, model, adapter, device, dtype, where, dataset, limit, layers, pool, components, clusters, bootstrap,
+              shuffles, seed, by, batch_size, plot, quiet):
+    """Per layer, how much of the model's hidden state comes redundantly, uniquely from the image or the text,
+    or synergistically (BROJA PID over samples); writes the attributions table. Resumable."""
+    from engine.attribution.run import AttributeConfig, format_rows, load_attribution_backend
+    from engine.attribution.run import attribute as run_attribute
+
+    if where and dataset:
+        raise Fail("give --where or --dataset, not both")
+    try:
+        chosen = [int(x) for x in layers.split(",") if x.strip()] if layers else None
+    except ValueError:
+        raise Fail(f"--layers: expected comma-separated integers, got {layers!r}") from None
+    config = AttributeConfig(layers=chosen, pool=pool, components=components, clusters=clusters, bootstrap=bootstrap,
+                             shuffles=shuffles, seed=seed, batch_size=batch_size, by=by)
+    try:
+        backend = load_attribution_backend(model, adapter, device, dtype)
+        report = run_attribute(_store(ctx), backend, where, dataset, limit, config, adapter, plot, progress=not quiet)
+    except (FileNotFoundError, RuntimeError, ValueError, LookupError) as error:
+        raise Fail(str(error).splitlines()[0]) from None
+    click.echo(format_rows(report.rows))
+    for group, size in report.skipped_groups.items():
+        click.echo(f"  skipped subset {group!r}: {size} samples, not more than --clusters")
+    click.echo(f"run {report.run_id}: {report.captured} samples captured, {report.cached} from the cache, {report.rejected} rejected; "
+               f"forward passes {report.forward_seconds:.1f} s, processor {report.processor_seconds:.1f} s, "
+               f"decomposition {report.pid_seconds:.1f} s; plot {report.plot}")
+
+
+@main.command()
 @click.argument("recipe", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="override a recipe key, e.g. --set mixture.budget=2000 (repeatable)")

@@ -104,7 +104,7 @@ def select_rows(store: Store, condition: str, done: set, limit: int | None = Non
     ids, runs = table.column("sample_id").to_pylist(), table.column("answer_run").to_pylist()
     keep = [sid not in done and (sid, run) not in done for sid, run in zip(ids, runs)]
     skipped = sum(1 for sid, wanted in zip(ids, keep) if wanted and sid in rejected)
-    table = table.filter(pa.array([wanted and sid not in rejected for sid, wanted in zip(ids, keep)]))
+    table = table.filter(pa.array([wanted and sid not in rejected for sid, wanted in zip(ids, keep)], pa.bool_()))  # typed: may be empty
     return Selection(table.slice(0, limit) if limit is not None else table, dataset, skipped)
 
 
