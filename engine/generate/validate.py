@@ -62,20 +62,29 @@ def precision_recall(scores: np.ndarray, clean: np.ndarray, percentiles=range(1,
     return {"percentile": percentiles, "threshold": thresholds, "precision": np.array(precision), "recall": np.array(recall)}
 
 
+def score_curves(con, model: str) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+    """Precision/recall curves of PPL and Val_PPL (``precision_recall``) over the rows of a connection's
+    ``facts`` view that have a validation score from ``model`` and a corruption flag, and those rows'
+    clean mask (empty when there are none). Only the three numeric columns leave DuckDB."""
+    columns = con.execute(
+        f"""select v.ppl, v.val_ppl, coalesce(f.corrupted, false) as corrupted from validation v join facts f using (sample_id)
+        where v.model = {sql_literal(model)} and f.corrupted is not null order by v.sample_id"""
+    ).fetchnumpy()
+    clean = ~np.asarray(columns["corrupted"], bool)
+    if not len(clean):
+        return {}, clean
+    ppl, val_ppl = (np.asarray(columns[name], float) for name in ("ppl", "val_ppl"))
+    return {"PPL": precision_recall(ppl, clean), "Val_PPL": precision_recall(val_ppl, clean)}, clean
+
+
 def validation_report(store: Store, model: str, plot_path: str | None = None, corruption_run: str | None = None) -> str:
     """Table (and optional PNG plot) of precision/recall for PPL and Val_PPL on the rows that have both a
     validation score from ``model`` and a corruption flag."""
     con, _ = store.connect({"corruption": {"run_id": corruption_run}} if corruption_run else None)
-    rows = con.execute(
-        f"""select v.ppl, v.val_ppl, coalesce(f.corrupted, false) from validation v join facts f using (sample_id)
-        where v.model = {sql_literal(model)} and f.corrupted is not null"""
-    ).fetchall()
-    if not rows:
+    curves, clean = score_curves(con, model)
+    if not len(clean):
         raise LookupError(f"no rows with both a validation score from {model!r} and a corruption flag; run `engine corrupt` and `engine validate`")
-    ppl, val_ppl, corrupted = (np.array(c) for c in zip(*rows))
-    clean = ~corrupted.astype(bool)
-    curves = {"PPL": precision_recall(ppl, clean), "Val_PPL": precision_recall(val_ppl, clean)}
-    lines = [f"{len(rows)} rows, {int(clean.sum())} clean, {int((~clean).sum())} corrupted ({(~clean).mean():.0%})",
+    lines = [f"{len(clean)} rows, {int(clean.sum())} clean, {int((~clean).sum())} corrupted ({(~clean).mean():.0%})",
              f"{'percentile':>10} " + " ".join(f"{name + ' ' + m:>18}" for name in curves for m in ("precision", "recall"))]
     for index in (0, 4, 9, 24, 49, 74, 99):
         cells = " ".join(f"{curves[n][m][index]:>18.3f}" for n in curves for m in ("precision", "recall"))
