@@ -60,6 +60,9 @@ def eval_section(folder: Path, con, canvas: Canvas) -> Section:
                                  label=corruption)
             rows += [[corruption, int(s), _nan(c.get("accuracy")), _nan(c.get("delta_p_mean")), _nan(c.get("delta_p_sd")),
                       int(c.get("dropped") or 0)] for s, c in zip(severities, cells)]
+        ticks = sorted({row[1] for row in rows})
+        for axis in axes:
+            axis.set_xticks(ticks)  # severities are levels, not a continuum
         if math.isfinite(clean_accuracy):
             axes[0].axhline(clean_accuracy, color="grey", lw=0.9, ls="--", label="clean")
         axes[0].set_ylim(-0.02, 1.02)
