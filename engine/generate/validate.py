@@ -62,12 +62,13 @@ def precision_recall(scores: np.ndarray, clean: np.ndarray, percentiles=range(1,
     return {"percentile": percentiles, "threshold": thresholds, "precision": np.array(precision), "recall": np.array(recall)}
 
 
-def score_curves(con, model: str) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+def score_curves(con, model: str, facts: str = "facts") -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
     """Precision/recall curves of PPL and Val_PPL (``precision_recall``) over the rows of a connection's
-    ``facts`` view that have a validation score from ``model`` and a corruption flag, and those rows'
-    clean mask (empty when there are none). Only the three numeric columns leave DuckDB."""
+    ``facts`` view (or a table holding its ``sample_id`` and ``corrupted``) that have a validation score
+    from ``model`` and a corruption flag, and those rows' clean mask (empty when there are none). Only
+    the three numeric columns leave DuckDB."""
     columns = con.execute(
-        f"""select v.ppl, v.val_ppl, coalesce(f.corrupted, false) as corrupted from validation v join facts f using (sample_id)
+        f"""select v.ppl, v.val_ppl, coalesce(f.corrupted, false) as corrupted from validation v join {facts} f using (sample_id)
         where v.model = {sql_literal(model)} and f.corrupted is not null order by v.sample_id"""
     ).fetchnumpy()
     clean = ~np.asarray(columns["corrupted"], bool)

@@ -48,8 +48,8 @@ def write_report(store, out: str | Path, mixture: str | Path | None = None, eval
     from engine.report.figures import Canvas
     from engine.report.mixture import mixture_section, read_manifest
     from engine.report.page import render
-    from engine.report.store_sections import (attributions_section, captions_section, interactions_section, store_section,
-                                              validation_section)
+    from engine.report.store_sections import (attributions_section, captions_section, interactions_section, light_facts,
+                                              store_section, validation_section)
 
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
@@ -67,6 +67,7 @@ def write_report(store, out: str | Path, mixture: str | Path | None = None, eval
                 con.register(name, dataset)
                 versions[name] = dataset.version
         counts = {name: store.dataset(name).count_rows() for name in versions}
+        light_facts(con)
         out.parent.mkdir(parents=True, exist_ok=True)
         folder = out.parent / f"{out.stem}_files"
         staging = out.parent / f".{out.stem}_files.tmp"

@@ -43,7 +43,7 @@ def subset_categories(con, keys: list[str]) -> dict[str, str]:
     from engine.categories import subset_mapping
 
     known = dict(con.execute(
-        "select distinct source || ':' || subset, coalesce(category, '(unmapped)') from samples"
+        "select distinct source || ':' || subset, category from report_facts"
     ).fetchall())
     mapping = subset_mapping()
     out = {}

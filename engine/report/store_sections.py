@@ -56,8 +56,8 @@ def store_section(store, con, versions: dict[str, int], canvas: Canvas) -> Secti
                                 [[n, versions[n], counts[n], _mb(sizes.get(n, 0))] for n in sorted(versions)]))
     if counts.get("samples"):
         grouped = con.execute(
-            """select source, subset, coalesce(category, '(unmapped)'), coalesce(task_kind, ''), split, count(*)
-            from samples group by all order by all"""
+            """select source, subset, category, coalesce(task_kind, ''), split, count(*)
+            from report_facts group by all order by all"""
         ).fetchall()
         splits = sorted({row[4] for row in grouped})
         table: dict[tuple, dict[str, int]] = {}
@@ -81,7 +81,7 @@ def store_section(store, con, versions: dict[str, int], canvas: Canvas) -> Secti
         axis.set_xlabel("rows")
         axis.legend(title="split", fontsize=8)
         section.blocks.append(canvas.figure("store_rows_by_category", figure, "Rows per category and split"))
-        kinds = con.execute("select coalesce(task_kind, '(none)'), count(*) from samples group by 1 order by 1").fetchall()
+        kinds = con.execute("select coalesce(task_kind, '(none)'), count(*) from report_facts group by 1 order by 1").fetchall()
         section.blocks.append(Table("Rows per task kind", ["task kind", "rows"], [list(k) for k in kinds]))
     if counts.get("rejects"):
         rejects = con.execute(
@@ -99,13 +99,15 @@ def store_section(store, con, versions: dict[str, int], canvas: Canvas) -> Secti
     return section
 
 
-def _category_facts(con) -> None:
-    """Materialise the few facts columns the interaction sections read, once: the ``facts`` view joins
-    four tables with a window each, and every query would otherwise pay for it again."""
+def light_facts(con) -> None:
+    """Materialise ``report_facts``: one row per sample with the ``facts`` columns the report reads (no
+    images, no turns). The view joins four tables with a window each; every query would pay for that
+    again, while this temp table is built once, inside DuckDB."""
     con.execute(
         """create or replace temp table report_facts as
-        select sample_id, coalesce(category, '(unmapped)') as category, r, u_v, u_t, s, dominant, gate_valid, gate_selected
-        from facts where dominant is not null or gate_selected is not null"""
+        select sample_id, source, subset, split, coalesce(category, '(unmapped)') as category, task_kind,
+               r, u_v, u_t, s, dominant, gate_valid, gate_selected, corrupted
+        from facts"""
     )
 
 
@@ -114,7 +116,6 @@ def interactions_section(con, counts: dict[str, int], canvas: Canvas) -> Section
     gate's selection against the redundancy tiers."""
     if not counts.get("interactions") and not counts.get("gate"):
         return None
-    _category_facts(con)
     section = Section("interactions", "Interactions",
                       "Pointwise R, U_V, U_T and S in nats (the newest score run per sample, as recipes see them).")
     figure, axes = subplots(columns=2, rows=2, width=5.6, height=3.3)
@@ -163,12 +164,15 @@ def interactions_section(con, counts: dict[str, int], canvas: Canvas) -> Section
     ).fetchone()
     if gate[2]:
         selected, valid, gated = gate
+        # the tier hash once per row, every level counted in the same pass
+        levels = ", ".join(f"count_if(h < {tier_threshold(p)}::HUGEINT), count_if(gate_selected and h < {tier_threshold(p)}::HUGEINT)"
+                           for p in TIER_LEVELS)
+        tiers = con.execute(
+            f"select {levels} from (select gate_selected, {hash_u64_sql(TIER_SALT)} as h from report_facts where gate_selected is not null)"
+        ).fetchone()
         rows = []
-        for level in TIER_LEVELS:
-            in_tier = f"{hash_u64_sql(TIER_SALT)} < {tier_threshold(level)}::HUGEINT"
-            tier_rows, tier_selected = con.execute(
-                f"select count(*), count_if(gate_selected) from report_facts where gate_selected is not null and {in_tier}"
-            ).fetchone()
+        for index, level in enumerate(TIER_LEVELS):
+            tier_rows, tier_selected = tiers[2 * index], tiers[2 * index + 1]
             rows.append([level, tier_rows, tier_rows / gated, tier_selected, tier_selected / selected if selected else float("nan")])
         section.blocks.append(Table(
             "The MI gate's selection against the redundancy tiers",
@@ -199,10 +203,16 @@ def captions_section(store, con, counts: dict[str, int], canvas: Canvas, example
     if not counts.get("captions"):
         return None
     section = Section("captions", "Captions", "Which rows have a caption, from which captioner, and what captions look like.")
+    # one scan of the caption text; counts and lengths then come from this narrow temp table
+    con.execute(
+        """create or replace temp table report_captions as
+        select sample_id, captioner, length(caption) as characters, tokens, seconds
+        from captions where caption is not null and caption <> ''"""
+    )
     coverage = con.execute(
-        """with totals as (select coalesce(category, '(unmapped)') as category, count(*) as n from samples group by 1),
-        covered as (select c.captioner, coalesce(s.category, '(unmapped)') as category, count(distinct c.sample_id) as k
-                    from captions c join samples s using (sample_id) where c.caption is not null group by all)
+        """with totals as (select category, count(*) as n from report_facts group by 1),
+        covered as (select c.captioner, f.category, count(distinct c.sample_id) as k
+                    from report_captions c join report_facts f using (sample_id) group by all)
         select t.category, t.n, c.captioner, coalesce(c.k, 0) from totals t left join covered c using (category)
         order by t.category, c.captioner"""
     ).fetchall()
@@ -214,33 +224,34 @@ def captions_section(store, con, counts: dict[str, int], canvas: Canvas, example
             row[2 + captioners.index(captioner)] = k / n
     section.blocks.append(Table("Coverage: share of each category's rows with a caption",
                                 ["category", "rows", *captioners], list(by_category.values())))
-    words = "len(string_split(trim(caption), ' '))"
-    result = histogram(con, "captions", words, "captioner", where="caption is not null and trim(caption) <> ''",
-                       discrete=True)
+    result = histogram(con, "report_captions", "characters", "captioner", discrete=True)
     if result is not None:
         figure, (axis,) = subplots(width=7, height=3.4)
         draw_histogram(axis, *result)
-        axis.set_xlabel("caption length (words)")
+        axis.set_xlabel("caption length (characters)")
         axis.legend(fontsize=8)
         section.blocks.append(canvas.figure("captions_length", figure, "Caption length per captioner"))
     stats = con.execute(
-        f"""select captioner, count(*), avg({words}), median({words}), max({words}), avg(tokens), sum(seconds)
-        from captions where caption is not null group by 1 order by 1"""
+        """select captioner, count(*), avg(characters), median(characters), max(characters), avg(tokens), sum(seconds)
+        from report_captions group by 1 order by 1"""
     ).fetchall()
     section.blocks.append(Table("Captions per captioner",
-                                ["captioner", "captions", "mean words", "median words", "max words", "mean tokens", "seconds"],
+                                ["captioner", "captions", "mean characters", "median characters", "max characters", "mean tokens", "seconds"],
                                 [list(r) for r in stats]))
     top = max(stats, key=lambda r: (r[1], r[0]))[0] if stats else None
     if top is not None and counts.get("samples"):
         from engine.sql import sql_literal, sql_list
 
-        # one example per category (the smallest id), so the gallery spans the data rather than one subset
-        chosen = con.execute(
-            f"""select c.sample_id, coalesce(s.category, '(unmapped)'), c.caption from captions c join samples s using (sample_id)
-            where c.captioner = {sql_literal(top)} and c.caption is not null
-            qualify row_number() over (partition by s.category order by c.sample_id) = 1
-            order by 2 limit {examples}"""
+        # one example per category (its smallest captioned id), so the gallery spans the data
+        firsts = con.execute(
+            f"""select f.category, min(c.sample_id) from report_captions c join report_facts f using (sample_id)
+            where c.captioner = {sql_literal(top)} group by f.category order by f.category limit {examples}"""
         ).fetchall()
+        texts = dict(con.execute(
+            f"""select sample_id, min(caption) from captions where captioner = {sql_literal(top)} and caption <> ''
+            and sample_id in {sql_list(i for _, i in firsts) if firsts else "(NULL)"} group by 1"""
+        ).fetchall())
+        chosen = [(sample_id, category, texts[sample_id]) for category, sample_id in firsts]
         images = {}
         if chosen:
             # a filtered Lance scan reads the image column of these few rows only
@@ -282,7 +293,7 @@ def validation_section(con, counts: dict[str, int], canvas: Canvas) -> Section |
     models = [m for (m,) in con.execute("select distinct model from validation order by 1").fetchall()]
     rows = []
     for index, model in enumerate(models):
-        curves, clean = score_curves(con, model)
+        curves, clean = score_curves(con, model, "report_facts")
         if not len(clean):
             continue
         chance = float(clean.mean())
