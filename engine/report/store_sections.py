@@ -71,7 +71,7 @@ def store_section(store, con, versions: dict[str, int], canvas: Canvas) -> Secti
         for _, _, category, _, split, n in grouped:
             by_category.setdefault(category, {}).setdefault(split, 0)
             by_category[category][split] += n
-        figure, (axis,) = subplots(width=7.5, height=0.45 * len(by_category) + 1.4)
+        figure, (axis,) = subplots(width=7, height=0.3 * len(by_category) + 1.2)
         names = sorted(by_category, reverse=True)
         left = np.zeros(len(names))
         for split in splits:
@@ -149,7 +149,7 @@ def interactions_section(con, counts: dict[str, int], canvas: Canvas) -> Section
             total = sum(by_term.values())
             rows.append([category, total, *(by_term.get(t, 0) / total for t in TERMS)])
         section.blocks.append(Table("Share of rows by dominant term", ["category", "rows", *TERMS], rows))
-        figure, (axis,) = subplots(width=7.5, height=0.45 * len(rows) + 1.4)
+        figure, (axis,) = subplots(width=7, height=0.3 * len(rows) + 1.2)
         left = np.zeros(len(rows))
         for index, term in enumerate(TERMS):
             values = np.array([row[2 + index] for row in rows])
