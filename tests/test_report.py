@@ -202,6 +202,13 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(sample_store, tmp_path)
     (broken / "report.json").write_text("[1, 2]")
     result = runner.invoke(main, base + ["--eval", str(broken)])
     assert result.exit_code == 2 and "key 'clean' missing" in result.output
+    (broken / "report.json").write_text('{"clean": {"accuracy": 0.5}, "corruption": {"insert": [0.1]}}')
+    result = runner.invoke(main, base + ["--eval", str(broken)])
+    assert result.exit_code == 2 and "corruption.insert: expected" in result.output
+    (broken / "report.json").write_text('{"clean": {"accuracy": 0.5}}')
+    (broken / "predictions.parquet").write_bytes(b"not parquet")
+    result = runner.invoke(main, base + ["--eval", str(broken)])
+    assert result.exit_code == 2 and "predictions.parquet: cannot be read" in result.output
     result = runner.invoke(main, ["--store", str(sample_store.root), "report", "--out", str(tmp_path / "r.txt")])
     assert result.exit_code == 2 and "ending in .html" in result.output
     assert not out.exists() and not list(tmp_path.glob("*_files")) and not list(tmp_path.glob(".*tmp"))
@@ -271,3 +278,18 @@ def test_the_page_renders_in_headless_chromium(full, tmp_path):
     assert pixels.shape == (2200, 1280) and pixels.std() > 20  # not a blank page
     # the header band is dark and the plots below it are drawn
     assert pixels[:60].mean() < 80 and (pixels[300:] < 128).mean() > 0.01
+
+
+def test_gate_fractions_are_banded_around_the_overall_selected_share(tmp_path):
+    from engine.report.figures import Canvas
+    from engine.report.mixture import _fractions
+
+    blocks = _fractions({"mode": "mi_gate", "tau": 0.2}, {"mi_gate": {"rows": 100, "k": 20, "valid": 40}},
+                        {"A": 50, "B": 50}, {"A": 20, "B": 0}, Canvas(tmp_path / "files"))
+    table = blocks[0]
+    half = 1.959964 * (0.2 * 0.8 / 50) ** 0.5
+    assert [r[:4] for r in table.rows] == [["A", 50, 20, 0.4], ["B", 50, 0, 0.0]]
+    assert table.rows[0][4] == pytest.approx(0.2 - half) and table.rows[0][5] == pytest.approx(0.2 + half)
+    assert [r[6] for r in table.rows] == [False, False] and "k/N = 20/100" in table.title
+    assert (tmp_path / "files" / "mixture_fractions.png").exists()
+    assert _fractions(None, {}, {"A": 1}, {}, Canvas(tmp_path / "files")) == []

@@ -29,6 +29,12 @@ def read_eval(folder: Path) -> dict:
     for key in ("corruption", "interference"):
         if not isinstance(report.setdefault(key, {}), dict):
             raise ReportError(f"{path}: key {key!r} is not an object")
+    for corruption, by_severity in report["corruption"].items():
+        if not isinstance(by_severity, dict) or not all(isinstance(c, dict) and str(s).isdigit() for s, c in by_severity.items()):
+            raise ReportError(f"{path}: corruption.{corruption}: expected {{severity: {{accuracy, delta_p_mean, ...}}}}")
+    for code, cell in report["interference"].items():
+        if not isinstance(cell, dict):
+            raise ReportError(f"{path}: interference.{code}: expected an object")
     return report
 
 
@@ -112,13 +118,18 @@ def eval_section(folder: Path, con, canvas: Canvas) -> Section:
                                     [[h.get("LI"), h.get("VI"), h.get("Mix"), _nan(h.get("consistency"))]]))
     predictions = folder / "predictions.parquet"
     if predictions.is_file():
+        import duckdb
+
         source = f"read_parquet({sql_literal(str(predictions))})"
-        columns = {r[0] for r in con.execute(f"describe select * from {source}").fetchall()}
-        kind = "coalesce(task_kind, '')" if "task_kind" in columns else "''"
-        dropped = "coalesce(sum(dropped), 0)" if "dropped" in columns else "0"  # rows the fidelity rule removed
-        counted = con.execute(
-            f"select condition, {kind}, count(sample_id), count_if(correct), {dropped} from {source} group by all order by all"
-        ).fetchall()
+        try:
+            columns = {r[0] for r in con.execute(f"describe select * from {source}").fetchall()}
+            kind = "coalesce(task_kind, '')" if "task_kind" in columns else "''"
+            dropped = "coalesce(sum(dropped), 0)" if "dropped" in columns else "0"  # rows the fidelity rule removed
+            counted = con.execute(
+                f"select condition, {kind}, count(sample_id), count_if(correct), {dropped} from {source} group by all order by all"
+            ).fetchall()
+        except duckdb.Error as error:
+            raise ReportError(f"{predictions}: cannot be read ({str(error).splitlines()[0]})") from None
         section.blocks.append(Table("Predictions behind the numbers", ["condition", "task kind", "predictions", "correct", "dropped"],
                                     [list(r) for r in counted], f"counted in {predictions}"))
     if not corruptions and not interference:
