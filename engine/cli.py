@@ -680,5 +680,34 @@ def _folder_bytes(root) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
+@main.command()
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="the HTML page to write (PNGs go to {stem}_files/ beside it)")
+@click.option("--mixture", type=click.Path(), help="a folder `engine build` wrote: show its quotas, fractions and hashes")
+@click.option("--eval", "eval_dir", type=click.Path(), help="a folder `engine eval --out` wrote: show its accuracy, dP and interventions")
+@click.pass_context
+def report(ctx, out, mixture, eval_dir):
+    """Write one self-contained HTML page showing the store (and a mixture, an eval run): distributions,
+    coverage, rejects, quotas, hashes. Opens from disk; images are inlined."""
+    from engine.report import ReportError, write_report
+
+    try:
+        result = write_report(_store(ctx), out, mixture, eval_dir)
+    except ReportError as error:
+        raise Fail(str(error)) from None
+    click.echo(f"report -> {result.path} ({', '.join(result.sections)}; {result.images} images in {result.folder})")
+
+
+@main.command()
+@click.option("--stage", help="only runs of this stage (ingest, caption, validate, ...)")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--max-rows", default=100, show_default=True, help="rows shown by --format table")
+@click.pass_context
+def runs(ctx, stage, fmt, max_rows):
+    """List the store's runs: stage, model, rows, start time, seconds and a hash of each run's config."""
+    from engine.query import run_query, write_result
+    from engine.report import runs_sql
+
+    write_result(run_query(_store(ctx), runs_sql(stage)), fmt, None, max_rows)
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -76,31 +76,44 @@ def precision_recall(scores: np.ndarray, clean: np.ndarray, percentiles=range(1,
     return {"percentile": percentiles, "threshold": thresholds, "precision": np.array(precision), "recall": np.array(recall)}
 
 
+def score_curves(con, model: str, facts: str = "facts") -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray, int]:
+    """Precision/recall curves of PPL and Val_PPL (``precision_recall``) over the rows of a connection's
+    ``facts`` view (or a table holding its ``sample_id``, ``corrupted`` and ``corruption_run``) that have a
+    corruption flag and a validation score from ``model`` of the answer that flag describes: the replaced
+    answer of the flagging run for a corrupted row, the original answer for a clean one. Returns the curves,
+    those rows' clean mask (empty when there are none) and how many flagged rows were scored only on
+    another answer (left out). Only the numeric columns leave DuckDB."""
+    flagged_answer = "case when f.corrupted then f.corruption_run else 'original' end"
+    columns = con.execute(
+        f"""with scores as (select sample_id, ppl, val_ppl, answer_run from validation where model = {sql_literal(model)}
+                            qualify row_number() over (partition by sample_id, answer_run order by run_id desc) = 1),
+        flagged as (select f.sample_id, f.corrupted, {flagged_answer} as answer_run from {facts} f where f.corrupted is not null),
+        paired as (select f.sample_id, s.ppl, s.val_ppl, f.corrupted, s.answer_run = f.answer_run as matches
+                   from flagged f join scores s using (sample_id)
+                   qualify row_number() over (partition by f.sample_id order by s.answer_run = f.answer_run desc) = 1)
+        select ppl, val_ppl, corrupted, matches from paired order by sample_id"""
+    ).fetchnumpy()
+    matches = np.asarray(columns["matches"], bool)
+    other = int((~matches).sum())
+    clean = ~np.asarray(columns["corrupted"], bool)[matches]
+    if not len(clean):
+        return {}, clean, other
+    ppl, val_ppl = (np.asarray(columns[name], float)[matches] for name in ("ppl", "val_ppl"))
+    return {"PPL": precision_recall(ppl, clean), "Val_PPL": precision_recall(val_ppl, clean)}, clean, other
+
+
 def validation_report(store: Store, model: str, plot_path: str | None = None, corruption_run: str | None = None) -> str:
     """Table (and optional PNG plot) of precision/recall for PPL and Val_PPL on the rows that have a
     corruption flag and a validation score from ``model`` of the answer that flag describes: the replaced
     answer of the flagging run for a corrupted row, the original answer for a clean one. Rows scored only
     on another answer are left out, and counted."""
     con, _ = store.connect({"corruption": {"run_id": corruption_run}} if corruption_run else None)
-    flagged_answer = "case when f.corrupted then f.corruption_run else 'original' end"
-    rows = con.execute(
-        f"""with scores as (select sample_id, ppl, val_ppl, answer_run from validation where model = {sql_literal(model)}
-                            qualify row_number() over (partition by sample_id, answer_run order by run_id desc) = 1),
-        flagged as (select f.sample_id, f.corrupted, {flagged_answer} as answer_run from facts f where f.corrupted is not null)
-        select s.ppl, s.val_ppl, f.corrupted, s.answer_run = f.answer_run as matches
-        from flagged f join scores s using (sample_id)
-        qualify row_number() over (partition by f.sample_id order by s.answer_run = f.answer_run desc) = 1"""
-    ).fetchall()
-    used = [row for row in rows if row[3]]
-    other = len(rows) - len(used)
-    if not used:
+    curves, clean, other = score_curves(con, model)
+    if not len(clean):
         hint = (f"; {other} flagged rows were scored on other answers: rerun `engine validate --corrupted`" if other else "")
         raise LookupError(f"no rows with both a corruption flag and a validation score from {model!r} of the answer that flag "
                           f"describes; run `engine corrupt` and `engine validate --corrupted`{hint}")
-    ppl, val_ppl, corrupted = (np.array(c) for c in list(zip(*used))[:3])
-    clean = ~corrupted.astype(bool)
-    curves = {"PPL": precision_recall(ppl, clean), "Val_PPL": precision_recall(val_ppl, clean)}
-    lines = [f"{len(used)} rows, {int(clean.sum())} clean, {int((~clean).sum())} corrupted ({(~clean).mean():.0%})"]
+    lines = [f"{len(clean)} rows, {int(clean.sum())} clean, {int((~clean).sum())} corrupted ({(~clean).mean():.0%})"]
     if other:
         lines.append(f"left out: {other} flagged rows scored by {model} only on another answer than the flag describes "
                      f"(rerun `engine validate --corrupted` to score them)")
