@@ -169,10 +169,6 @@ def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, max_image_
                                 progress=not quiet, max_image_bytes=max_image_bytes)
     except (FileNotFoundError, ValueError, ConnectionError) as error:  # ConnectionError: the hub is unreachable
         raise Fail(str(error)) from None
-    except ModuleNotFoundError as error:
-        if error.name != "easy_vqa":
-            raise
-        raise Fail("`engine ingest easy_vqa` needs the easy-vqa package: pip install \"engine[easyvqa]\"") from None
     click.echo(f"{report.written} rows written, {report.rejected} rejected, {report.skipped} already present "
                f"(run {report.run_id}, store {store.root})")
     for reason, count in sorted(report.reasons.items()):

@@ -95,11 +95,12 @@ def test_a_shipped_recipe_builds_by_name(sample_store, tmp_path):
 
 
 def test_a_missing_extra_is_named(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "easy_vqa", None)  # as if the easyvqa extra were not installed
-    monkeypatch.setitem(sys.modules, "skimage", None)
+    monkeypatch.setitem(sys.modules, "skimage", None)  # as if the classical extra were not installed
     monkeypatch.setitem(sys.modules, "skimage.feature", None)
-    ingest = CliRunner().invoke(main, ["--store", str(tmp_path / "store"), "ingest", "easy_vqa", "--quiet"])
-    assert ingest.exit_code == 2 and 'pip install "engine[easyvqa]"' in ingest.output
+    from engine.ingest import ingest_sample
+    from engine.store import Store
+
+    ingest_sample(Store(tmp_path / "store"), tmp_path / "sample", scale=0.01, progress=False)
     embed = CliRunner().invoke(main, ["--store", str(tmp_path / "store"), "embed", "--model", "classical", "--modality", "image"])
     assert embed.exit_code == 2 and 'pip install "engine[classical]"' in embed.output
 
