@@ -24,6 +24,27 @@ import pyarrow.parquet as pq
 
 from engine.paths import SCHEMAS_DIR
 
+class ManifestError(ValueError):
+    """A folder that holds no readable mixture manifest; the message names the file."""
+
+
+def read_manifest(folder: str | Path) -> tuple[dict, str]:
+    """The ``manifest.json`` of a mixture folder ``engine build`` wrote, and the SHA-256 of its bytes (the
+    hash ``engine build`` prints). Raises ``ManifestError`` naming the file when it is missing or not a JSON
+    object; callers check the keys they read."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise ManifestError(f"{Path(folder)} is not a built mixture (no manifest.json); run `engine build RECIPE` first")
+    data = path.read_bytes()
+    try:
+        manifest = json.loads(data)
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: not a JSON object; is this a mixture manifest?")
+    return manifest, hashlib.sha256(data).hexdigest()
+
+
 TURN = pa.struct([("user", pa.string()), ("assistant", pa.string()), ("source", pa.string())])
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 MIXTURE_COLUMNS = [

@@ -4,7 +4,6 @@ perturbed variants by kind, and the hashes that pin the build."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -23,18 +22,17 @@ class ReportError(ValueError):
 
 def read_manifest(folder: Path) -> tuple[dict, str]:
     """A mixture's manifest and the SHA-256 of its bytes (what ``engine build`` prints)."""
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise ReportError(f"{path}: no manifest.json; --mixture takes a folder `engine build` wrote")
-    data = path.read_bytes()
+    from engine.recipes.output import ManifestError
+    from engine.recipes.output import read_manifest as read
+
     try:
-        manifest = json.loads(data)
-    except json.JSONDecodeError as error:
-        raise ReportError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        manifest, sha256 = read(folder)
+    except ManifestError as error:
+        raise ReportError(f"--mixture: {error}") from None
     for key in ("plan", "rows", "recipe"):
-        if not isinstance(manifest, dict) or not isinstance(manifest.get(key), dict):
-            raise ReportError(f"{path}: key {key!r} missing or not an object; is this a mixture manifest?")
-    return manifest, hashlib.sha256(data).hexdigest()
+        if not isinstance(manifest.get(key), dict):
+            raise ReportError(f"{Path(folder) / 'manifest.json'}: key {key!r} missing or not an object; is this a mixture manifest?")
+    return manifest, sha256
 
 
 def subset_categories(con, keys: list[str]) -> dict[str, str]:

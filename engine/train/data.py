@@ -10,7 +10,6 @@ an empty answer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import Counter
@@ -40,15 +39,14 @@ class SkipRow(ValueError):
 def read_mixture(path: str | Path) -> tuple[pa.Table, dict, str]:
     """The rows of a built mixture (its Parquet shards, or its ``hf/`` folder), its manifest and the
     manifest's SHA-256."""
+    from engine.recipes.output import ManifestError, read_manifest
+
     path = Path(path)
     manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise MixtureError(f"{path} is not a built mixture (no manifest.json); run `engine build RECIPE` first")
-    raw = manifest_path.read_bytes()
     try:
-        manifest = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise MixtureError(f"{manifest_path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+        manifest, raw_sha256 = read_manifest(path)
+    except ManifestError as error:
+        raise MixtureError(str(error)) from None
     if "recipe_sha256" not in manifest:
         raise MixtureError(f"{manifest_path}: no recipe_sha256; rebuild the mixture with `engine build`")
     shards = sorted((path / "parquet").glob("part-*.parquet"))
@@ -64,7 +62,7 @@ def read_mixture(path: str | Path) -> tuple[pa.Table, dict, str]:
     missing = [c for c in ("images", "texts", "sample_id") if c not in table.column_names]
     if missing:
         raise MixtureError(f"{path}: the mixture has no column {missing[0]!r}")
-    return table, manifest, hashlib.sha256(raw).hexdigest()
+    return table, manifest, raw_sha256
 
 
 def chat_messages(turns: list[dict], n_images: int) -> list[dict]:
