@@ -37,6 +37,7 @@ def test_export_into_a_folder_that_does_not_exist(sample_store, tmp_path):
 def test_validate_plot_into_a_folder_that_does_not_exist(sample_store, tmp_path):
     ids = sorted(sample_store.ids("samples"))[:40]
     sample_store.append("validation", [{"sample_id": s, "model": "m", "ppl": 1.0 + i, "val_ppl": 2.0 + (i * 7) % 40, "p_no": 0.5,
+                                        "answer_run": "corrupt-1" if i % 4 == 0 else "original",  # the answers the flags describe
                                         "run_id": "validate-1"} for i, s in enumerate(ids)])
     sample_store.append("corruption", [{"sample_id": s, "run_id": "corrupt-1", "corrupted": i % 4 == 0} for i, s in enumerate(ids)])
     plot = tmp_path / "figures" / "new" / "pr.png"

@@ -496,7 +496,7 @@ def evaluate(backend: Backend, items: list[dict], out: str | Path, config: EvalC
     records = sorted(unique.values(), key=lambda r: (order[(r["condition"], r["severity"], r["seed"])], place[r["sample_id"]]))
     output.finish(pa.Table.from_pylist(records, schema=PREDICTION_SCHEMA))
     report = summarise(records, config)
-    report["model"] = {"name": backend.name, "adapter": getattr(backend, "adapter", None)}  # which weights were measured
+    report["model"] = {"name": getattr(backend, "model_name", backend.name), "adapter": getattr(backend, "adapter", None)}  # which weights were measured
     _write_atomic(out / "report.json", (json.dumps(_no_nan(report), indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
     _write_atomic(out / "report.txt", format_report(report).encode())
     plot(report, out)

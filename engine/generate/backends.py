@@ -119,6 +119,7 @@ class TransformersBackend(Backend):
             raise RuntimeError(f"cannot load model {model!r}: {sentence} (install the missing package)") from None
         self.processor.tokenizer.padding_side = "left"  # decoder-only batching
         self.name, self.device = model_identity(model), device  # one name per model, however it is spelled
+        self.model_name = self.name  # the base model, without the adapter
         self.adapter = model_identity(adapter) if adapter else None
         if self.adapter:  # captions and scores of base + adapter are other facts than the base model's
             self.name = f"{self.name}+{self.adapter}"
