@@ -1,7 +1,8 @@
 """Rejects once: the rule, shared by ingest and the model-driven stages, for writing the ``rejects`` table.
 
-- A row is written once per (sample, stage, reason): a rerun that meets the same problem again counts it in
-  its report but does not append the same row again. A different reason (say, the same prompt against a
+- A row is written once per (sample, stage, reason): ``rejects`` declares that key ``unique`` in
+  ``schemas/store.yaml``, so ``Store.append`` drops a repeat under the store's write lock; a rerun that meets
+  the same problem again counts it in its report but does not append the same row again. A different reason (say, the same prompt against a
   model with a shorter context) is a new row.
 - Some reasons are **permanent**: no rerun can change them, because what they are about never changes.
   ``samples`` is never rewritten, so an image a stage could not decode will not decode on the next run,
@@ -30,36 +31,3 @@ def permanent_sql() -> str:
 def permanently_rejected(store: Store) -> set[str]:
     """Ids of the samples a model stage rejected for a reason no rerun can change."""
     return store.ids("rejects", permanent_sql())
-
-
-class RejectLog:
-    """The rejects a stage has written, so that each (sample, stage, reason) is written once.
-
-    Parameters
-    ----------
-    store, stage
-        Whose rejects: the store's rows of this stage.
-    filter
-        An extra Lance SQL filter that limits what is read (ingest reads only its own source's rows).
-    """
-
-    def __init__(self, store: Store, stage: str, filter: str | None = None):
-        self.stage = stage
-        condition = f"stage = {sql_literal(stage)}" + (f" AND ({filter})" if filter else "")
-        table = store.arrow("rejects", ["sample_id", "reason"], condition)
-        self.seen = set(zip(table.column("sample_id").to_pylist(), table.column("reason").to_pylist()))
-
-    @property
-    def ids(self) -> set[str]:
-        """The sample ids this stage has rejected."""
-        return {sample_id for sample_id, _ in self.seen}
-
-    def new(self, rows: list[dict]) -> list[dict]:
-        """The rows not written before (nor earlier in ``rows``); they count as written from now on."""
-        fresh = []
-        for row in rows:
-            key = (row["sample_id"], row["reason"])
-            if key not in self.seen:
-                self.seen.add(key)
-                fresh.append(row)
-        return fresh

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from engine.generate.backends import Backend, PromptTooLong, Request, decode_images
 from engine.paths import RECIPES_DIR, load_yaml
 from engine.hashing import hash_u64_sql, tier_threshold
-from engine.rejects import RejectLog, permanently_rejected
+from engine.rejects import permanently_rejected
 from engine.store import Store, new_run_id
 
 
@@ -143,7 +143,6 @@ def run_stage(store: Store, backend: Backend, stage: str, table: str, rows: Sele
     ``build_request(row, images)`` makes the prompt; ``process(rows, requests)`` returns the table rows.
     """
     report = StageReport(run_id=new_run_id(stage), skipped_rejected=rows.skipped_rejected)
-    log = RejectLog(store, stage)  # each (sample, stage, reason) is written once, however often it recurs
     started = dt.datetime.now(dt.timezone.utc)
     clock = time.perf_counter()
     model_before, prepare_before = backend.model_seconds, backend.prepare_seconds
@@ -167,9 +166,8 @@ def run_stage(store: Store, backend: Backend, stage: str, table: str, rows: Sele
         """Hand the pending rows to the writer thread once the previous commit has landed: the model keeps
         working while they are written, and memory stays bounded."""
         land()
-        fresh = log.new(rejects)
-        if pending or fresh:
-            in_flight.append(writer.submit(write, pending.copy(), fresh))
+        if pending or rejects:  # the store writes each (sample, stage, reason) once (rejects' unique key)
+            in_flight.append(writer.submit(write, pending.copy(), rejects.copy()))
         pending.clear()
         rejects.clear()
 

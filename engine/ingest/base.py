@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 
 from engine.categories import subset_mapping
 from engine.images import MAX_IMAGE_BYTES, ImageError, read_image_file, standardize
-from engine.rejects import RejectLog
 from engine.sql import sql_literal
 from engine.store import Store, new_run_id
 
@@ -139,8 +138,8 @@ def ingest(
     report = IngestReport(run_id=new_run_id("ingest"))
     started = dt.datetime.now(dt.timezone.utc)
     source_is = f"source = {sql_literal(source.name)}"
-    log = RejectLog(store, "ingest", source_is)  # rejects once (engine.rejects), shared with the model stages
-    done = store.ids("samples", source_is) | log.ids
+    # a row rejected before stays rejected (engine.rejects); the store writes each reject once (its unique key)
+    done = store.ids("samples", source_is) | store.ids("rejects", f"stage = 'ingest' AND {source_is}")
     mapping = subset_mapping()
     samples: list[dict] = []
     rejects: list[dict] = []
@@ -150,9 +149,8 @@ def ingest(
         nonlocal pending_bytes
         pending_bytes = 0
         # rejects first: if the kill falls between the two commits, the good rows are simply redone
-        fresh = log.new(rejects)
-        if fresh:
-            store.append("rejects", fresh)
+        if rejects:
+            store.append("rejects", rejects)
         if samples:
             store.append("samples", samples)
         samples.clear()
