@@ -151,6 +151,22 @@ def quiet_option(help: str = "no progress bars (the engine's nor its libraries')
     return click.option("--quiet", is_flag=True, callback=_silence_libraries, help=help)
 
 
+def executor_options(command):
+    """``--executor`` and ``--ray-address``, for the commands that run a stage."""
+    command = click.option("--ray-address", help="with --executor ray: join this cluster (default: start a local Ray)")(command)
+    return click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help="where batches run: this process, or Ray workers (pip install -e \".[ray]\")")(command)
+
+
+def _executor(name: str, ray_address: str | None):
+    from engine.stages.executors import executor_for
+
+    try:
+        return executor_for(name, address=ray_address) if name == "ray" else executor_for(name)
+    except ImportError as error:
+        raise Fail(f"--executor ray needs Ray: pip install -e \".[ray]\" ({error})") from None
+
+
 @main.command()
 @click.argument("source")
 @click.option("--name", help="source name in sample ids (default: cauldron; easy_vqa / sample for those)")
@@ -166,8 +182,9 @@ def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, max_image_
     """Ingest SOURCE: `sample` (bundled, offline), `easy_vqa`, a Parquet/`save_to_disk` folder in the
     Cauldron schema, or a hub dataset id such as HuggingFaceM4/the_cauldron. Resumes where a killed
     run stopped."""
-    from engine.ingest import ingest as run_ingest
-    from engine.ingest import ingest_sample, resolve_source
+    from engine.ingest import resolve_source
+    from engine.stages.ingest import ingest as run_ingest
+    from engine.stages.ingest import ingest_sample
 
     store = _store(ctx, create=True)
     max_image_bytes = int(max_image_mb * (1 << 20))
@@ -305,22 +322,6 @@ def _backend(model: str, backend: str, device: str, adapter: str | None = None, 
         return load_backend(model, backend, device, adapter=adapter)
     except (FileNotFoundError, RuntimeError, ValueError) as error:
         raise Fail(str(error)) from None
-
-
-def executor_options(command):
-    """``--executor`` and ``--ray-address``, for the commands that run a stage."""
-    command = click.option("--ray-address", help="with --executor ray: join this cluster (default: start a local Ray)")(command)
-    return click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                        help="where batches run: this process, or Ray workers (pip install -e \".[ray]\")")(command)
-
-
-def _executor(name: str, ray_address: str | None):
-    from engine.stages.executors import executor_for
-
-    try:
-        return executor_for(name, address=ray_address) if name == "ray" else executor_for(name)
-    except ImportError as error:
-        raise Fail(f"--executor ray needs Ray: pip install -e \".[ray]\" ({error})") from None
 
 
 def _stage_summary(report, verb: str) -> None:

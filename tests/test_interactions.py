@@ -13,7 +13,7 @@ from PIL import Image
 from engine.cli import main
 from engine.models.encoders import MINILM, ClassicalImageEncoder, load_encoder
 from engine.stages.embed import embed, fit_pca, load_transform, load_vectors, pca_apply
-from engine.ingest import ingest
+from engine.stages.ingest import ingest
 from engine.ingest.easyvqa import EasyVQASource
 from engine.interactions import estimator, gate, pid, score
 from engine.interactions.estimator import LSMIConfig, estimate
