@@ -51,6 +51,8 @@ EXAMPLES = {
     "caption": ["engine caption --model HuggingFaceTB/SmolVLM-256M-Instruct --gate",
                 "engine caption --model Qwen/Qwen2.5-VL-32B-Instruct --tier 0.5 --backend vllm --device cuda",
                 "engine caption --model models/tiny --where \"subset = 'ai2d'\" --limit 20"],
+    "image-stats": ["engine image-stats",
+                    "engine image-stats --where \"split = 'train'\" --executor ray"],
     "validate": ["engine validate --model HuggingFaceTB/SmolVLM-256M-Instruct --where \"split = 'train'\" --limit 300",
                  "engine validate --model HuggingFaceTB/SmolVLM-256M-Instruct --corrupted --limit 300",
                  "engine validate --model HuggingFaceTB/SmolVLM-256M-Instruct --report --plot pr.png"],
@@ -247,6 +249,24 @@ def embed(ctx, model, modality, where, batch_size, device, pca, no_standardize, 
             click.echo(f"PCA to {pca} dimensions stored as model {name!r}")
     except (FileNotFoundError, ValueError, LookupError) as error:
         raise Fail(str(error)) from None
+
+
+@main.command(name="image-stats")
+@click.option("--where", callback=_where_flag, help="SQL filter over facts (default: every sample)")
+@click.option("--batch-size", default=64, show_default=True)
+@executor_options
+@quiet_option()
+@click.pass_context
+def image_stats(ctx, where, batch_size, executor, ray_address, quiet):
+    """Brightness and contrast of each sample's first image (the README's example stage), resumable."""
+    from engine.stages.base import run_stage
+    from engine.stages.image_stats import ImageStats
+
+    store = _store(ctx)
+    report = run_stage(store, ImageStats(), where, executor=_executor(executor, ray_address), progress=not quiet,
+                       batch_rows=batch_size, commit_rows=512, config={"where": where})
+    click.echo(f"{report.written} images measured, {report.rejected} rejected in {report.seconds:.1f} s (run {report.run_id})")
+    _rejects_summary(report)
 
 
 @main.command()

@@ -467,6 +467,25 @@ def finish_run(store: Store, stage: Stage, report: StageReport, started: dt.date
                      report.written + report.earlier)
 
 
+class WholeStage(Stage):
+    """A computation over a whole selection at once (``engine score``, ``engine gate``): its rows land
+    through the same commits, and its run is recorded the same way, as a per-row stage's (``write_run``)."""
+
+    def __init__(self, name: str, table: str, config: dict):
+        self.name, self.table, self._config = name, table, config
+
+    def config(self) -> dict:
+        return self._config
+
+
+def write_run(store: Store, stage: WholeStage, rows: pa.Table, run_id: str, started: dt.datetime, clock: float) -> StageReport:
+    """Commit ``rows`` (without ``run_id``: added here) to the stage's table and record the run."""
+    report = StageReport(run_id=run_id, stage=stage.name, selected=rows.num_rows)
+    commit_outputs(store, stage, [StageOutput(rows, inputs=rows.num_rows)], report, rows.num_rows, False, rows.num_rows + 1)
+    finish_run(store, stage, report, started, clock)
+    return report
+
+
 def _progress(total: int, stage: Stage, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -476,4 +495,4 @@ def _progress(total: int, stage: Stage, enabled: bool):
 
 __all__ = ["Commits", "Executor", "Needs", "Reader", "Stage", "StageOutput", "StageReport", "check_where", "commit_outputs",
            "decode_each", "decode_rows", "finish_run", "load_batch", "prompts", "read_ahead", "reject", "run_stage", "select",
-           "selection_sql", "undecodable"]
+           "selection_sql", "undecodable", "WholeStage", "write_run"]
