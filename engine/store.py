@@ -129,6 +129,8 @@ def table_specs() -> dict[str, TableSpec]:
             vectors=tuple(c["name"] for c in body["columns"] if c["type"].startswith("vector<")),
             run_as=body.get("run_as"),
         )
+        if specs[name].join not in (None, "run", "latest"):
+            raise ValueError(f"schemas/store.yaml: {name}.join must be run or latest, got {specs[name].join!r}")
     seen: dict[str, str] = {c: "samples" for c in specs["samples"].schema.names}
     for spec in specs.values():
         if spec.join:
@@ -516,7 +518,8 @@ class Store:
         ----------
         pins
             ``{table: {column: value}}`` choosing which rows of a joined fact table count (e.g. the run
-            or model); without a pin, each sample's row from the newest run is used.
+            or model); without a pin, a ``join: run`` table gives its newest finished run
+            (``newest_run_sql``) and a ``join: latest`` table each sample's newest row.
 
         Returns
         -------
@@ -558,6 +561,7 @@ class Store:
             else:
                 con.register(name, spec.schema.empty_table())
         con.execute(facts_view_sql(pins or {}))
+        check_pins(con, pins or {})
         return versions
 
 
@@ -582,8 +586,22 @@ def attach(con: duckdb.DuckDBPyConnection, store: str | os.PathLike | Store, pin
     return store.register(con, pins)
 
 
+def newest_run_sql(table: str, finished_only: bool = False) -> str:
+    """A SQL scalar expression: the run of ``table`` a reader takes when none is named.
+
+    That is the newest finished run (one with its row in ``runs``: a killed run has none), so a
+    partial rescoring or a run still being written is never mixed with a complete one. Unless
+    ``finished_only``, a table none of whose runs has a ``runs`` row (rows written by hand or by another
+    tool) gives its newest run instead. ``facts`` and the MI gate both choose their run here.
+    """
+    finished = f"(select max(run_id) from {table} where run_id in (select run_id from runs))"
+    return finished if finished_only else f"coalesce({finished}, (select max(run_id) from {table}))"
+
+
 def facts_view_sql(pins: dict[str, dict]) -> str:
-    """SQL creating ``facts``: samples left-joined with one row per sample of each ``join: latest`` table."""
+    """SQL creating ``facts``: samples left-joined with each joinable table. A ``join: run`` table gives
+    the rows of one run (the pinned ``run_id``, else ``newest_run_sql``); a ``join: latest`` table gives
+    each sample's row from its newest run. Other pinned columns filter the rows first."""
     specs = table_specs()
     unknown = set(pins) - {n for n, s in specs.items() if s.join}
     if unknown:
@@ -597,7 +615,10 @@ def facts_view_sql(pins: dict[str, dict]) -> str:
         for column in pin:
             if column not in spec.schema.names:
                 raise KeyError(f"facts.{name}: no column {column!r} in {name}; columns: {spec.schema.names}")
-        where = " and ".join(f"{c} = {sql_literal(v)}" for c, v in pin.items()) or "true"
+        conditions = [f"{c} = {sql_literal(v)}" for c, v in pin.items()]
+        if spec.join == "run" and "run_id" not in pin:
+            conditions.append(f"run_id = {newest_run_sql(name)}")
+        where = " and ".join(conditions) or "true"
         columns = ", ".join(spec.fact_columns + ([f"run_id as {spec.run_as}"] if spec.run_as else []))
         joins.append(
             f"left join (select sample_id, {columns} from {name} where {where} "
@@ -605,3 +626,22 @@ def facts_view_sql(pins: dict[str, dict]) -> str:
         )
         selects.extend(f"_{name}.{c}" for c in spec.fact_columns + ([spec.run_as] if spec.run_as else []))
     return f"create or replace temp view facts as select {', '.join(selects)} from samples " + " ".join(joins)
+
+
+def check_pins(con: duckdb.DuckDBPyConnection, pins: dict[str, dict]) -> None:
+    """Refuse a ``facts`` pin that matches no row (a mistyped run id or model), in one line that lists
+    what the table holds, instead of joining NULLs.
+
+    Raises
+    ------
+    KeyError
+        ``facts.{table}: no rows with run_id = 'x'; its newest run_id values: [...]``.
+    """
+    for name, pin in pins.items():
+        for column, value in (pin or {}).items():
+            if con.execute(f"select count(*) from {name} where {column} = ?", [value]).fetchone()[0]:
+                continue
+            known = [v for (v,) in con.execute(f"select distinct {column} from {name} where {column} is not null "
+                                               f"order by 1 desc limit 5").fetchall()]
+            raise KeyError(f"facts.{name}: no rows with {column} = {value!r}; "
+                           f"its newest {column} values: {known or 'none, the table is empty'}")
