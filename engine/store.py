@@ -215,6 +215,8 @@ class Store:
         self._db = None
         self._lock_depth, self._lock_file, self._thread_lock = 0, None, threading.RLock()
         self._present: dict[Path, tuple[dict[int, str], set]] = {}  # see _drop_present
+        if (self.root / "embeddings.lance").is_dir():  # a store from before fixed-size vectors
+            self.migrate_embeddings()
 
     @property
     def db(self):
@@ -343,6 +345,65 @@ class Store:
         keys = zip(*(rows.column(c).to_pylist() for c in spec.unique))
         keep = [key not in present for key in keys]
         return rows if all(keep) else rows.filter(pa.array(keep))
+
+    def migrate_embeddings(self) -> dict[str, int]:
+        """Move a store written before fixed-size vectors onto the current layout.
+
+        Such a store holds every embedding in one table, ``embeddings.lance``, whose ``vector`` is a
+        variable-length list, so LanceDB's search and ANN indexes refuse it. Its rows are copied, one
+        (modality, model) at a time, into that partition's table of fixed-size vectors (``append`` drops
+        rows already copied, so a killed migration resumes), a transformed model's saved transform is
+        copied to where ``engine.embed`` looks for it when one fit made all its vectors, and the old
+        table is then renamed ``embeddings.lance.before-fixed-size`` (kept, never deleted). A model
+        whose vectors have more than one width cannot be stored fixed-size: its rows stay in the old
+        table only, and a warning names it.
+
+        Returns
+        -------
+        ``{"modality/model": rows copied}``.
+        """
+        import sys
+
+        import lance
+        import pyarrow.compute as pc
+
+        old = self.root / "embeddings.lance"
+        copied: dict[str, int] = {}
+        with self.writing():
+            if not old.is_dir():  # another process migrated it meanwhile
+                return copied
+            spec = self.spec("embeddings")
+            if committed(old):
+                dataset = lance.dataset(str(old))
+                keys = dataset.to_table(columns=["modality", "model"])
+                groups = keys.group_by(["modality", "model"]).aggregate([]).sort_by([("modality", "ascending"), ("model", "ascending")])
+                for modality, model in zip(groups.column("modality").to_pylist(), groups.column("model").to_pylist()):
+                    rows = conform(spec, dataset.to_table(
+                        filter=f"modality = {sql_literal(modality)} and model = {sql_literal(model)}"))
+                    widths = pc.unique(pc.list_value_length(rows.column("vector"))).to_pylist()
+                    if len(widths) != 1 or widths[0] is None:
+                        print(f"warning: {modality} embeddings of {model!r} have widths {sorted(w for w in widths if w is not None)}: "
+                              f"not migrated, left in {old.name}.before-fixed-size (embed the model again)", file=sys.stderr)
+                        continue
+                    self._write_partition(spec, rows, overwrite=False)
+                    copied[f"{modality}/{model}"] = len(rows)
+                    self._migrate_transform(spec, modality, model, pc.unique(rows.column("run_id")).to_pylist())
+            aside = old.with_name(old.name + ".before-fixed-size")
+            while aside.exists():
+                aside = aside.with_name(aside.name + "-again")
+            old.rename(aside)
+        return copied
+
+    def _migrate_transform(self, spec: TableSpec, modality: str, model: str, runs: list) -> None:
+        """Copy a transformed model's transform from the old place (``transforms/{model, made safe}.npz``)
+        to ``transforms/{partition table}/{run_id}.npz`` when one fit run made all its vectors."""
+        old = self.root / "transforms" / (model.replace("/", "__").replace("|", "--") + ".npz")
+        if len(runs) != 1 or runs[0] is None or not old.is_file():
+            return
+        folder = self.root / "transforms" / partition_table_name(spec, {"modality": modality, "model": model})
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / f"{runs[0]}.npz").exists():
+            shutil.copyfile(old, folder / f"{runs[0]}.npz")
 
     def overwrite(self, name: str, data: pa.Table | pa.RecordBatch | list[dict]) -> int:
         """Replace one partition of a partitioned table with ``data`` in one Lance commit (readers see
