@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,12 +10,12 @@ import pyarrow.parquet as pq
 
 from engine.categories import subset_mapping
 from engine.images import MAX_IMAGE_BYTES
-from engine.ingest.base import IngestReport, RawRow, Source, ingest
+from engine.ingest.base import IngestReport, RawRow, Source, ingest, write_captions
 from engine.ingest.cauldron import ParquetFolderSource, open_source
 from engine.ingest.easyvqa import EasyVQASource
 from engine.ingest.sample import CAPTIONER, PROMPT_ID, write_sample
 from engine.ingest.sample import SOURCE as SAMPLE_SOURCE
-from engine.store import Store, new_run_id
+from engine.store import Store
 
 __all__ = ["IngestReport", "RawRow", "Source", "ingest", "ingest_sample", "resolve_source", "subset_mapping"]
 
@@ -39,20 +38,10 @@ def ingest_sample(store: Store, folder: str | Path = DEFAULT_SAMPLE_DIR, scale: 
         write_sample(folder, scale=scale)
     report = ingest(store, ParquetFolderSource(folder / "data", name=SAMPLE_SOURCE), progress=progress,
                     max_image_bytes=max_image_bytes)
-    started = dt.datetime.now(dt.timezone.utc)
     raw = pq.read_table(folder / "captions.parquet")
     ids = pc.binary_join_element_wise(
         pa.scalar(f"{SAMPLE_SOURCE}:"), raw["subset"], pa.scalar(":train:"), raw["row"].cast(pa.string()), ""
     )
-    have = store.ids("samples", f"source = '{SAMPLE_SOURCE}'")
-    done = store.ids("captions", f"captioner = '{CAPTIONER}'")
-    keep = [sid in have and sid not in done for sid in ids.to_pylist()]
-    captions = pa.table({"sample_id": ids, "caption": raw["caption"]}).filter(pa.array(keep))
-    if len(captions):
-        run_id = new_run_id("caption")
-        rows = captions.append_column("captioner", pa.array([CAPTIONER] * len(captions)))
-        rows = rows.append_column("prompt_id", pa.array([PROMPT_ID] * len(captions)))
-        rows = rows.append_column("run_id", pa.array([run_id] * len(captions)))
-        store.append("captions", rows)
-        store.record_run(run_id, "caption", {"captioner": CAPTIONER, "from": str(folder / "captions.parquet")}, started, len(captions))
+    write_captions(store, SAMPLE_SOURCE, ids.to_pylist(), raw["caption"].to_pylist(), CAPTIONER, PROMPT_ID,
+                   {"from": str(folder / "captions.parquet")})
     return report

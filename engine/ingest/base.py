@@ -8,6 +8,7 @@ import datetime as dt
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+import pyarrow as pa
 from tqdm.auto import tqdm
 
 from engine.categories import subset_mapping
@@ -55,6 +56,13 @@ class Source(ABC):
 
     def sample_id(self, raw: RawRow) -> str:
         return f"{self.name}:{raw.subset}:{raw.split}:{raw.row}"
+
+    # a source that carries its own captions names their captioner and yields (sample_id, caption) pairs
+    captioner: str | None = None
+    caption_prompt_id: str | None = None
+
+    def captions(self) -> Iterator[tuple[str, str]]:
+        return iter(())
 
 
 class RowError(ValueError):
@@ -191,4 +199,26 @@ def ingest(
     flush()
     store.compact("samples")
     store.record_run(report.run_id, "ingest", {**source.config(), "max_image_bytes": max_image_bytes}, started, report.written)
+    if source.captioner:
+        pairs = list(source.captions())
+        write_captions(store, source.name, [sid for sid, _ in pairs], [text for _, text in pairs], source.captioner,
+                       source.caption_prompt_id, {"from": source.config()})
     return report
+
+
+def write_captions(store: Store, source: str, sample_ids: list[str], captions: list[str], captioner: str, prompt_id: str,
+                   config: dict) -> int:
+    """Load captions a source carries into ``captions`` under ``captioner``: for the source's ingested samples
+    that have none from that captioner yet (so a rerun adds nothing). Returns the number written."""
+    started = dt.datetime.now(dt.timezone.utc)
+    have = store.ids("samples", f"source = {sql_literal(source)}")
+    done = store.ids("captions", f"captioner = {sql_literal(captioner)}")
+    keep = [i for i, sid in enumerate(sample_ids) if sid in have and sid not in done]
+    if not keep:
+        return 0
+    run_id = new_run_id("caption")
+    store.append("captions", pa.table({
+        "sample_id": [sample_ids[i] for i in keep], "caption": [captions[i] for i in keep],
+        "captioner": [captioner] * len(keep), "prompt_id": [prompt_id] * len(keep), "run_id": [run_id] * len(keep)}))
+    store.record_run(run_id, "caption", {"captioner": captioner, **config}, started, len(keep))
+    return len(keep)
