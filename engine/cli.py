@@ -641,7 +641,11 @@ def build(ctx, recipe, overrides, quiet):
 @click.option("--method", type=click.Choice(["sft", "consistency", "adversarial", "full"]), default="full", show_default=True,
               help="sft: CE; consistency: CE + w*JS(original, variant); adversarial: CE + CE_adv (PGD); full: all three")
 @click.option("--out", required=True, type=click.Path(), help="folder for the adapter, processor, train_manifest.json, loss.png")
-@click.option("--full", "full_finetune", is_flag=True, help="fine-tune the whole language model (vision side frozen) instead of LoRA")
+@click.option("--full", "full_finetune", is_flag=True, help="fine-tune whole parts (--train) instead of LoRA on the language model")
+@click.option("--train", "parts", default="lm", show_default=True,
+              help="with --full: comma-separated trainable parts, from lm, connector, vision (the others stay frozen)")
+@click.option("--part-lr", "part_lrs", multiple=True, metavar="PART=LR",
+              help="a learning rate for one part, e.g. --part-lr vision=1e-3 (repeatable; others use --lr)")
 @click.option("--lr", "learning_rate", default=5e-5, show_default=True, help="learning rate (Self-Captioning App. C.1)")
 @click.option("--warmup", "warmup_ratio", default=0.03, show_default=True, help="share of steps warming up linearly")
 @click.option("--epochs", default=1.0, show_default=True)
@@ -665,7 +669,7 @@ def build(ctx, recipe, overrides, quiet):
 @click.option("--device", default="auto", show_default=True, help="auto: CUDA when present (bf16 + gradient checkpointing), else CPU")
 @click.option("--num-workers", default=0, show_default=True, help="data loader processes (image decoding and processing)")
 @click.option("--quiet", is_flag=True)
-def train(mixture, model, method, out, full_finetune, learning_rate, warmup_ratio, epochs, batch_size, effective_batch, max_steps,
+def train(mixture, model, method, out, full_finetune, parts, part_lrs, learning_rate, warmup_ratio, epochs, batch_size, effective_batch, max_steps,
           max_length, consistency, consistency_weight, temperature, anchor_gradient, pgd_alpha, pgd_epsilon, pgd_steps, lora_r,
           lora_alpha, lora_dropout, seed, save_steps, resume, device, num_workers, quiet):
     """Fine-tune MODEL on a built MIXTURE (LoRA SFT, JS consistency, PGD on the irrelevant modality).
@@ -687,7 +691,15 @@ def train(mixture, model, method, out, full_finetune, learning_rate, warmup_rati
             where = "with --full" if term == "lora" else f"with --method {method}"
             raise Fail(f"--{given[0].replace('_', '-')} has no effect {where}")
 
-    config = TrainConfig(method=method, full=full_finetune, learning_rate=learning_rate, warmup_ratio=warmup_ratio, epochs=epochs,
+    part_lr = {}
+    for given in part_lrs:
+        part, _, value = given.partition("=")
+        try:
+            part_lr[part.strip()] = float(value)
+        except ValueError:
+            raise Fail(f"--part-lr {given!r}: expected PART=LR, e.g. vision=1e-3") from None
+    config = TrainConfig(method=method, full=full_finetune, parts=tuple(p.strip() for p in parts.split(",") if p.strip()),
+                         part_lr=part_lr, learning_rate=learning_rate, warmup_ratio=warmup_ratio, epochs=epochs,
                          batch_size=batch_size, effective_batch=effective_batch, max_steps=max_steps, max_length=max_length,
                          consistency=consistency, consistency_weight=consistency_weight, temperature=temperature,
                          anchor_gradient=anchor_gradient, pgd_alpha=pgd_alpha, pgd_epsilon=pgd_epsilon, pgd_steps=pgd_steps,
@@ -717,8 +729,9 @@ def train(mixture, model, method, out, full_finetune, learning_rate, warmup_rati
 def query(ctx, sql, fmt, output, max_rows):
     """Run read-only SQL over the store: every table is a view, and `facts` joins samples with the
     newest interactions, validation, corruption and gate rows."""
-    from engine.query import QueryError, run_query, write_result
+    from engine.query import QueryError, defer_pandas, run_query, write_result
 
+    defer_pandas()
     try:
         result = run_query(_store(ctx), sql)
         write_result(result, fmt, output, max_rows)
@@ -793,9 +806,10 @@ def report(ctx, out, mixture, eval_dir):
 @click.pass_context
 def runs(ctx, stage, fmt, max_rows):
     """List the store's runs: stage, model, rows, start time, seconds and a hash of each run's config."""
-    from engine.query import run_query, write_result
+    from engine.query import defer_pandas, run_query, write_result
     from engine.report import runs_sql
 
+    defer_pandas()
     write_result(run_query(_store(ctx), runs_sql(stage)), fmt, None, max_rows)
 
 if __name__ == "__main__":

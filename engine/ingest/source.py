@@ -51,6 +51,13 @@ class Source(ABC):
     def sample_id(self, raw: RawRow) -> str:
         return f"{self.name}:{raw.subset}:{raw.split}:{raw.row}"
 
+    # a source that carries its own captions names their captioner and yields (sample_id, caption) pairs
+    captioner: str | None = None
+    caption_prompt_id: str | None = None
+
+    def captions(self) -> Iterator[tuple[str, str]]:
+        return iter(())
+
 
 class RowError(ValueError):
     """A row that cannot be ingested; the message is its reject reason."""

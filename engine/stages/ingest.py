@@ -120,41 +120,47 @@ def ingest(store: Store, source: Source, batch_rows: int = 512, batch_bytes: int
     commit_outputs(store, stage, batches(), report, source.total(), progress, batch_rows, batch_bytes)
     report.skipped_rejected = 0
     finish_run(store, stage, report, started, clock, {"skipped": skipped})
+    if source.captioner:
+        pairs = list(source.captions())
+        load_captions(store, pa.table({"sample_id": pa.array([sid for sid, _ in pairs], pa.string()),
+                                       "caption": pa.array([text for _, text in pairs], pa.string())}),
+                      source.captioner, source.caption_prompt_id, {"from": source.config()})
     return IngestReport(report.run_id, report.written, report.rejected, skipped, stage.unmapped, report.reasons)
 
 
-class AnnotationCaptions(Stage):
-    """The bundled sample's own captions (its generator's annotations), loaded into ``captions`` as captioner
-    ``sample-annotations``: each once, for the samples the store holds."""
+class SourceCaptions(Stage):
+    """Captions a source carries (the bundled sample's, easy-vqa's annotations), loaded into ``captions``
+    under the source's captioner: each once, for the samples the store holds."""
 
     name = "caption"
     table = "captions"
     skip_permanent_rejects = False
     batch_rows = 4096
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, pairs: pa.Table, captioner: str, prompt_id: str, config: dict):
+        """``pairs``: ``sample_id`` and ``caption`` columns."""
+        self.pairs, self.captioner, self.prompt_id, self._config = pairs, captioner, prompt_id, config
 
     def config(self) -> dict:
-        return {"captioner": CAPTIONER, "from": str(self.path)}
+        return {"captioner": self.captioner, **self._config}
 
     def candidates(self, con, condition: str) -> str:
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        raw = pq.read_table(self.path)
-        ids = pc.binary_join_element_wise(pa.scalar(f"{SAMPLE_SOURCE}:"), raw["subset"], pa.scalar(":train:"),
-                                          raw["row"].cast(pa.string()), "")
-        con.register("_annotations", pa.table({"sample_id": ids, "caption": raw["caption"]}))
-        return "select a.sample_id, a.caption from _annotations a join samples s using (sample_id)"
+        con.register("_source_captions", self.pairs.select(["sample_id", "caption"]))
+        return "select c.sample_id, c.caption from _source_captions c join samples s using (sample_id)"
 
     def done_filter(self) -> str:
-        return f"captioner = {sql_literal(CAPTIONER)}"
+        return f"captioner = {sql_literal(self.captioner)}"
 
     def process(self, batch: pa.Table) -> StageOutput:
         n = batch.num_rows
-        return StageOutput(batch.select(["sample_id", "caption"]).append_column("captioner", pa.array([CAPTIONER] * n))
-                           .append_column("prompt_id", pa.array([PROMPT_ID] * n)))
+        return StageOutput(batch.select(["sample_id", "caption"]).append_column("captioner", pa.array([self.captioner] * n))
+                           .append_column("prompt_id", pa.array([self.prompt_id] * n)))
+
+
+def load_captions(store: Store, pairs: pa.Table, captioner: str, prompt_id: str, config: dict) -> StageReport:
+    """Load a source's captions (``SourceCaptions``); records a run only when there was something to load."""
+    stage = SourceCaptions(pairs, captioner, prompt_id, config)
+    return run_stage(store, stage, progress=False, commit_rows=1 << 20, record_empty=False)
 
 
 def ingest_sample(store: Store, folder: str | Path = DEFAULT_SAMPLE_DIR, scale: float = 1.0, progress: bool = True,
@@ -166,5 +172,12 @@ def ingest_sample(store: Store, folder: str | Path = DEFAULT_SAMPLE_DIR, scale: 
         write_sample(folder, scale=scale)
     report = ingest(store, ParquetFolderSource(folder / "data", name=SAMPLE_SOURCE), progress=progress,
                     max_image_bytes=max_image_bytes)
-    run_stage(store, AnnotationCaptions(folder / "captions.parquet"), progress=False, commit_rows=1 << 20, record_empty=False)
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    raw = pq.read_table(folder / "captions.parquet")
+    ids = pc.binary_join_element_wise(pa.scalar(f"{SAMPLE_SOURCE}:"), raw["subset"], pa.scalar(":train:"),
+                                      raw["row"].cast(pa.string()), "")
+    load_captions(store, pa.table({"sample_id": ids, "caption": raw["caption"]}), CAPTIONER, PROMPT_ID,
+                  {"from": str(folder / "captions.parquet")})
     return report
