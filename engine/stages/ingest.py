@@ -79,7 +79,7 @@ class IngestStage(Stage):
 
 
 def ingest(store: Store, source: Source, batch_rows: int = 512, batch_bytes: int = 256 << 20, progress: bool = True,
-           max_image_bytes: int = MAX_IMAGE_BYTES, read_rows: int = 64) -> IngestReport:
+           max_image_bytes: int = MAX_IMAGE_BYTES, read_rows: int = 256) -> IngestReport:
     """Ingest a source into the store in committed batches (see the module docstring for resuming).
 
     Parameters
@@ -118,7 +118,6 @@ def ingest(store: Store, source: Source, batch_rows: int = 512, batch_bytes: int
             yield output
 
     commit_outputs(store, stage, batches(), report, source.total(), progress, batch_rows, batch_bytes)
-    report.skipped_rejected = 0
     finish_run(store, stage, report, started, clock, {"skipped": skipped})
     if source.captioner:
         pairs = list(source.captions())
