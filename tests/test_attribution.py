@@ -60,7 +60,8 @@ def test_terms_sum_to_the_joint_information_and_are_non_negative():
 
 def convex_program_minimum(joint: np.ndarray) -> float:
     """min over Δ_P of I_Q(X1,X2;Y) by a general-purpose solver: SLSQP over the null space of the marginal
-    constraints (which are redundant, so that SLSQP needs them eliminated), from several starts; only the runs that end inside Δ_P count."""
+    constraints (which are redundant, so that SLSQP needs them eliminated), from several starts;
+    only the runs that end inside Δ_P count."""
     scipy_optimize = pytest.importorskip("scipy.optimize")
     from scipy.linalg import null_space
 
