@@ -48,7 +48,8 @@ def test_quick_run_records_every_step_and_resumes_without_redoing_any(tmp_path):
     assert {train[f"interference-{m}-s0"]["config"]["method"] for m in bench.METHODS} == set(bench.METHODS)
 
     evals = results["eval"]
-    for name in ("r0-s0", "text-only-s0", "r25-s0", "r50-s0", "mi_gate-s0"):
+    assert evals["text-only-s0"]["corruption"] == {} and "FB" in evals["text-only-s0"]["interference"]
+    for name in ("r0-s0", "r25-s0", "r50-s0", "mi_gate-s0"):
         assert set(evals[name]["corruption"]) == set(bench.NOISES)
         assert all(set(cells) == {"1", "5"} for cells in evals[name]["corruption"].values())
         assert evals[name]["clean"]["n"] == evals["r0-s0"]["clean"]["n"] > 0 and "FB" in evals[name]["interference"]
