@@ -61,6 +61,7 @@ def log(message: str) -> None:
 class Bench:
     def __init__(self, out: Path, settings: dict, quick: bool, part: str = "all"):
         self.out, self.s, self.quick, self.part = out, settings, quick, part
+        self.only: set[str] | None = None  # with --only: the redundancy models this process trains
         self.store = out / "store"
         self.results_path = out / ("results.json" if part == "all" else f"results-{part}.json")
         self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
@@ -232,12 +233,12 @@ class Bench:
             if part == "interference":
                 break
             self.robustness_eval(f"r0-s{seed}", r0)
-            if seed == first:
+            if seed == first and self.wanted("text-only"):
                 # the same budget of steps as the r0 model's own training, from random initialisation
                 blank = self.train(f"text-only-s{seed}", "r0_blank", base, s["steps"], s["lr"], seed)
                 self.evaluate(f"text-only-s{seed}", blank, s["test_where"], "", "FB", "all")
                 self.table_baseline()
-            for name in REDUNDANCY[1:]:
+            for name in filter(self.wanted, REDUNDANCY[1:]):
                 model = self.train(f"{name}-s{seed}", name, warm, s["steps"], s["lr"], seed)
                 self.robustness_eval(f"{name}-s{seed}", model)
                 self.table_redundancy()
@@ -245,6 +246,9 @@ class Bench:
         self.save()
         self.publish()
         log(f"done in {time.perf_counter() - started:.0f} s; results in {self.results_path}")
+
+    def wanted(self, name: str) -> bool:
+        return self.only is None or name in self.only
 
     # -- tables ----------------------------------------------------------------------------------------
     def table_baseline(self) -> str:
@@ -400,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", choices=("all", "redundancy", "interference"), default="all",
                         help="only the baseline + redundancy models, or only the interference models (results-PART.json); "
                              "two processes can share the work, and a final `all` run assembles every table")
+    parser.add_argument("--only", help="with --part redundancy: only these of text-only, r25, r50, mi_gate (comma-separated)")
     args = parser.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
     if args.seeds:
@@ -409,7 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    Bench(out, settings, args.quick, args.part).run(args.part)
+    bench = Bench(out, settings, args.quick, args.part)
+    if args.only:
+        bench.only = set(args.only.split(","))
+        bench.results_path = out / f"results-{args.part}-{args.only.replace(',', '-')}.json"
+    bench.run(args.part)
     return 0
 
 
