@@ -198,7 +198,9 @@ def attribute(work: Path, plan: Plan, model: Model, question_type: str | None) -
                         "shuffled_mean_q95": json.loads(row["baseline"])["mean_and_q95"]} for row in rows]}
 
 
-def run(work: Path, plan: Plan) -> dict:
+def run(work: Path, plan: Plan, only: list[str] | None = None) -> dict:
+    """Every step of ``plan`` not yet done (of the models named in ``only``, if given: two processes on one
+    work folder can share the models between them), then the results of every model whose steps are all done."""
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     step(work, "ingest", lambda: (engine(work, "ingest", "easy_vqa", "--split", "all", "--quiet"), {})[1], timings)
@@ -219,6 +221,9 @@ def run(work: Path, plan: Plan) -> dict:
                         "question_types": QUESTION_TYPES},
                "models": {}}
     for model in plan.models:
+        if only and model.name not in only:
+            if not all((work / "steps" / f"{name}.json").exists() for name in step_names(model)):
+                continue
         entry = results["models"][model.name] = {}
         entry["train"] = step(work, f"train-{model.name}", lambda: train(work, plan, model, base), timings)
         entry["eval"] = step(work, f"eval-{model.name}", lambda: evaluate(work, plan, model), timings)
@@ -230,6 +235,11 @@ def run(work: Path, plan: Plan) -> dict:
     plot(results, work / "attribution_vs_eval.png")
     print(summary(results))
     return results
+
+
+def step_names(model: Model) -> list[str]:
+    return [f"train-{model.name}", f"eval-{model.name}",
+            *(f"attribute-{model.name}-{kind.replace('/', '_')}" for kind in ("all", *QUESTION_TYPES))]
 
 
 def summary(results: dict) -> str:
@@ -309,8 +319,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("runs/attribution_vs_eval"))
     parser.add_argument("--quick", action="store_true", help="a few steps on a few rows: checks the pipeline, not the finding")
+    parser.add_argument("--models", help="comma-separated: only these models' steps (default: every model)")
     args = parser.parse_args()
-    run(args.work, QUICK if args.quick else FULL)
+    plan = QUICK if args.quick else FULL
+    only = args.models.split(",") if args.models else None
+    unknown = sorted(set(only or ()) - {m.name for m in plan.models})
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; the plan has {[m.name for m in plan.models]}")
+    run(args.work, plan, only)
 
 
 if __name__ == "__main__":
