@@ -636,8 +636,9 @@ def train(mixture, model, method, out, full_finetune, parts, part_lrs, learning_
 def query(ctx, sql, fmt, output, max_rows):
     """Run read-only SQL over the store: every table is a view, and `facts` joins samples with the
     newest interactions, validation, corruption and gate rows."""
-    from engine.query import QueryError, run_query, write_result
+    from engine.query import QueryError, defer_pandas, run_query, write_result
 
+    defer_pandas()
     try:
         result = run_query(_store(ctx), sql)
         write_result(result, fmt, output, max_rows)
@@ -712,9 +713,10 @@ def report(ctx, out, mixture, eval_dir):
 @click.pass_context
 def runs(ctx, stage, fmt, max_rows):
     """List the store's runs: stage, model, rows, start time, seconds and a hash of each run's config."""
-    from engine.query import run_query, write_result
+    from engine.query import defer_pandas, run_query, write_result
     from engine.report import runs_sql
 
+    defer_pandas()
     write_result(run_query(_store(ctx), runs_sql(stage)), fmt, None, max_rows)
 
 if __name__ == "__main__":
