@@ -22,6 +22,10 @@ Contract (the local and the Ray executor both keep it)
   the store's unique keys this makes a run killed at any point and started again end with every row
   once, whichever executor ran it. It also writes the rejects (once per sample, stage and reason, see
   ``engine.rejects``), the ``runs`` record, the progress bar, and returns the summary (``StageReport``).
+
+Commands whose rows come from elsewhere land them through the same pieces: ingest (a source's rows,
+``engine.stages.ingest``) through ``commit_outputs`` and ``finish_run``; score and gate (computed over a
+whole selection at once) through ``write_run``.
 """
 
 from __future__ import annotations
@@ -143,6 +147,7 @@ class Stage:
         """Load what the stage needs (a model), once per worker, before the first ``process``."""
 
     def process(self, batch: pa.Table) -> StageOutput:
+        """Turn one batch (the selection's columns plus ``reads``) into rows for ``table`` and rejects."""
         raise NotImplementedError
 
     def run_batch(self, batch: pa.Table) -> StageOutput:
