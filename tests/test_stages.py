@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import REPO
 from engine.cli import main
 from engine.models.backends import Backend, BackendSpec, Generation, PromptTooLong, run_fitting
-from engine.stages.base import Reader, StageOutput, load_batch, run_stage, select
+from engine.stages.base import load_batch, run_stage, select
 from engine.stages.caption import CaptionStage
 from engine.stages.corrupt import corrupt
 from engine.stages.embed import embed

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from engine.hashing import hash_u64, tier_threshold
-from engine.models.backends import Backend, BackendSpec, Request, run_fitting
+from engine.models.backends import Backend, BackendSpec, Request
 from engine.options import alternatives
 from engine.stages.base import StageOutput, StageReport, prompts, run_stage
 from engine.stages.model import ModelStage
