@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -139,6 +140,35 @@ def _silence_libraries(ctx: click.Context, param: click.Parameter, quiet: bool) 
 def quiet_option(help: str = "no progress bars (the engine's nor its libraries')"):
     """The ``--quiet`` flag of the commands that show progress."""
     return click.option("--quiet", is_flag=True, callback=_silence_libraries, help=help)
+
+
+def executor_options(command):
+    """``--executor``, ``--ray-address`` and ``--workers`` of the commands that run a stage: the command
+    receives them as one ``executor`` argument (``engine.stages.executors``). Ray is imported only when a
+    Ray run starts, never to parse the options."""
+
+    @functools.wraps(command)
+    def with_executor(*args, executor: str, ray_address: str | None, workers: int | None, **kwargs):
+        if executor == "local" and (ray_address or workers):
+            flag = "--ray-address" if ray_address else "--workers"
+            raise Fail(f"{flag} is for --executor ray (the local executor runs the stage in this process)")
+        from engine.stages.executors import executor_for
+
+        options = {"address": ray_address, "workers": workers} if executor == "ray" else {}
+        return command(*args, executor=executor_for(executor, **options), **kwargs)
+
+    options = [
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="where batches run: this process, or a Ray cluster (pip install -e \".[ray]\")"),
+        click.option("--ray-address", metavar="HOST:PORT",
+                     help="with --executor ray: join this running cluster (or 'auto'); default: start a local Ray"),
+        click.option("--workers", type=click.IntRange(min=1),
+                     help="with --executor ray: actors in the pool (default: one per CPU of the cluster, "
+                          "one per GPU for a stage that needs GPUs)"),
+    ]
+    for option in reversed(options):
+        with_executor = option(with_executor)
+    return with_executor
 
 
 @main.command()

@@ -1,0 +1,194 @@
+"""Run a stage's batches on a Ray cluster: Ray Data maps the driver's selection through a pool of stateful actors.
+
+The driver selects the rows in DuckDB (ids, storage positions, text columns; no images) and hands them to
+``RayExecutor.run``. Ray Data splits them into batches of ``batch_rows`` (the same boundaries as the local
+executor, so a model sees the same batches) and streams them through ``workers`` actors. Each actor calls the
+stage's ``setup()`` once (a model loads once per actor; a GPU stage's actor holds ``num_gpus=1``, so vLLM or
+transformers sees one GPU of its own), reads its rows' images by position through the picklable ``reader``, and
+runs ``process()``. The outputs come back to the driver and are yielded in selection order; the runner commits
+them, alone, at its usual cadence, so a Ray run killed at any point and started again does every row once,
+exactly as a local run.
+
+Ray is imported only here, and this module only when ``--executor ray`` is asked for.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import pickle
+import socket
+from collections.abc import Iterator
+
+import pyarrow as pa
+
+SEQ = "__engine_seq"  # a selection row's index, carried through Ray so outputs can be put back in order
+
+
+class RayUnavailable(RuntimeError):
+    """Ray is not installed, or the cluster asked for cannot be reached."""
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401  (Ray Data is the ``data`` extra of ray)
+    except ImportError as error:
+        raise RayUnavailable('--executor ray needs Ray Data: pip install -e ".[ray]"') from error
+    return ray
+
+
+def _check_address(address: str) -> None:
+    """Fail fast with one line when ``host:port`` does not answer (``ray.init`` would retry for minutes)."""
+    if address == "auto":
+        return  # Ray finds the cluster this machine belongs to, and says so clearly when there is none
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise RayUnavailable(f"--ray-address {address!r} is not host:port (or ray://host:port, or auto)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise RayUnavailable(f"no Ray cluster answers at {address} ({error.strerror or error})") from None
+
+
+def connect(address: str | None = None, workers: int | None = None, **local_options):
+    """Join the Ray cluster at ``address``, or start a local one with ``workers`` CPUs (default: all) when
+    there is none; a process already connected (e.g. by a test) stays on its cluster. Returns ``ray``."""
+    ray = _import_ray()
+    if address:
+        _check_address(address)
+    if ray.is_initialized():
+        return ray
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
+    if address:
+        try:
+            ray.init(address=address, **quiet)
+        except ConnectionError as error:
+            raise RayUnavailable(f"cannot join the Ray cluster at {address}: {error}") from None
+    else:
+        ray.init(num_cpus=workers, include_dashboard=False, **quiet, **local_options)
+    return ray
+
+
+class _StageActor:
+    """One worker of the pool: sets the stage up once, then turns batches of the selection into outputs.
+
+    Each output is one row per input batch: where the batch starts in the selection, its row count, and the
+    pickled ``StageOutput`` (Arrow tables pickle as Arrow IPC buffers, without a row-by-row copy), or the
+    pickled exception the stage raised (Ray would wrap it and drop its type; the driver raises it as it was).
+    """
+
+    def __init__(self, stage, reader):
+        from engine.stages.base import load_batch
+
+        self.stage, self.reader, self.load_batch, self.failed = stage, reader, load_batch, None
+        try:
+            stage.setup()
+        except Exception as error:  # reported with the first batch, as the stage's own error
+            self.failed = error
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = batch.column(SEQ)[0].as_py()
+        try:
+            if self.failed is not None:
+                raise self.failed
+            result = self.stage.run_batch(self.load_batch(batch.drop_columns([SEQ]), self.reader))
+        except Exception as error:
+            result = _picklable(error)
+        return pa.table({SEQ: pa.array([start], pa.int64()), "rows": pa.array([len(batch)], pa.int64()),
+                         "output": pa.array([pickle.dumps(result, protocol=5)], pa.large_binary())})
+
+
+def _picklable(error: Exception) -> Exception:
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+class RayExecutor:
+    """Runs a stage's batches on Ray (see the module's docstring).
+
+    Parameters
+    ----------
+    workers : int, optional
+        Actors in the pool; each holds one CPU, or ``stage.needs.gpus`` GPUs for a stage that needs them.
+        Default: as many as the cluster's CPUs (or GPUs) allow.
+    address : str, optional
+        A running cluster to join (``host:port``, ``ray://host:port`` or ``auto``); with none a local Ray starts
+        with ``workers`` CPUs (default: all of this machine's).
+    """
+
+    name = "ray"
+
+    def __init__(self, workers: int | None = None, address: str | None = None):
+        if workers is not None and workers < 1:
+            raise ValueError(f"--workers must be at least 1, not {workers}")
+        self.workers, self.address = workers, address
+
+    def run(self, stage, selection: pa.Table, reader, batch_rows: int) -> Iterator:
+        """Yield the stage's ``StageOutput`` for each ``batch_rows`` rows of ``selection``, in selection order."""
+        if len(selection) == 0:
+            return
+        ray = connect(self.address, self.workers)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the runner shows one progress bar, whichever executor runs
+        context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+        numbered = selection.append_column(SEQ, pa.array(range(len(selection)), pa.int64()))
+        # one block per batch: Ray Data's batches then start where the local executor's do
+        blocks = [numbered.slice(start, batch_rows) for start in range(0, len(numbered), batch_rows)]
+        gpus = float(stage.needs.gpus or 0)
+        resources = {"num_gpus": gpus} if gpus else {"num_cpus": 1}
+        workers = self.workers or _fitting_workers(ray, gpus)
+        outputs = ray.data.from_arrow(blocks).map_batches(
+            _StageActor, fn_constructor_args=(stage, reader), batch_size=batch_rows, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(blocks))), **resources)
+        try:
+            yield from _in_order(outputs.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2))
+        except ray.exceptions.RayError as error:
+            raise _user_error(error) from None
+
+
+def _fitting_workers(ray, gpus: float) -> int:
+    """As many actors as the cluster holds: one per CPU, or one per ``gpus`` GPUs for a GPU stage."""
+    resources = ray.cluster_resources()
+    if gpus:
+        fitting = int(resources.get("GPU", 0) // gpus)
+        if not fitting:
+            raise RayUnavailable(f"the stage needs {gpus:g} GPU per worker and the Ray cluster has fewer")
+        return fitting
+    return max(1, int(resources.get("CPU", 1)))
+
+
+def _in_order(batches) -> Iterator:
+    """The outputs ordered by where their batch starts in the selection (Ray may finish them out of order)."""
+    waiting: list[tuple[int, int, bytes]] = []
+    expected = 0
+    for table in batches:
+        columns = (table.column(name).to_pylist() for name in (SEQ, "rows", "output"))
+        for start, rows, blob in zip(*columns):
+            heapq.heappush(waiting, (start, rows, blob))
+        while waiting and waiting[0][0] == expected:
+            _, rows, blob = heapq.heappop(waiting)
+            expected += rows
+            output = pickle.loads(blob)
+            if isinstance(output, Exception):
+                raise output
+            yield output
+    if waiting:
+        raise RuntimeError(f"Ray returned outputs starting at row {waiting[0][0]}, expected row {expected}")
+
+
+def _user_error(error: BaseException) -> BaseException:
+    """The exception under Ray's wrappers, where Ray kept it (a stage's own errors come back unwrapped)."""
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if not type(current).__module__.startswith("ray."):
+            return current
+        current = getattr(current, "cause", None) or current.__cause__
+    return error
