@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 import torch
 
 from engine.attribution.run import AttributeConfig, attribute
-from engine.generate import load_backend
-from engine.generate.backends import Request, decode_images
-from engine.generate.tiny import build_tiny_smolvlm
+from engine.models.backends import load_backend
+from engine.models.backends import Request, decode_images
+from engine.models.tiny import build_tiny_smolvlm
 from engine.ingest.easyvqa import _image_bytes, image_paths, questions
 from engine.store import Store
 

@@ -78,6 +78,16 @@ class EngineGroup(click.Group):
 
     group_class = type  # sub-groups are EngineGroups too
 
+    def invoke(self, ctx: click.Context):
+        """A filter the store refuses (``engine.sql.WhereError``, from any command) is one line for a person."""
+        try:
+            return super().invoke(ctx)
+        except ValueError as error:
+            sql = sys.modules.get("engine.sql")
+            if sql is not None and isinstance(error, sql.WhereError):
+                raise Fail(str(error)) from None
+            raise
+
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         if not any(p.name == "store_after" for p in cmd.params):
             cmd.params.append(click.Option(["--store", "store_after"], metavar="PATH", expose_value=False,
@@ -228,20 +238,25 @@ def sample(out, seed):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--pca", type=int, help="then fit a PCA to this many dimensions on the train split (stored as a new model)")
 @click.option("--no-standardize", is_flag=True, help="with --pca: skip per-dimension standardisation")
+@executor_options
 @quiet_option()
 @click.pass_context
-def embed(ctx, model, modality, where, batch_size, device, pca, no_standardize, quiet):
+def embed(ctx, model, modality, where, batch_size, device, pca, no_standardize, executor, ray_address, quiet):
     """Embed samples' images or texts (L2-normalised), resumable."""
-    from engine.embed import embed as run_embed
-    from engine.embed import fit_pca, load_encoder
+    from engine.models.encoders import encoder_spec, load_encoder
+    from engine.stages.embed import embed as run_embed
+    from engine.stages.embed import fit_pca
 
     store = _store(ctx)
     try:
-        encoder = load_encoder(model, device)
-        written = run_embed(store, model, modality, where, batch_size, device, not quiet, encoder)
-        click.echo(f"{written} {modality} vectors from {encoder.name}")
+        encoder = load_encoder(model, device) if executor == "local" else None  # Ray workers load their own
+        report = run_embed(store, model, modality, where, batch_size, device, not quiet, encoder,
+                           _executor(executor, ray_address))
+        name = encoder.name if encoder else encoder_spec(model)[0]
+        click.echo(f"{report.written} {modality} vectors from {name} in {report.seconds:.1f} s (run {report.run_id})")
+        _rejects_summary(report)
         if pca:
-            name = fit_pca(store, encoder.name, modality, pca, standardize=not no_standardize)
+            name = fit_pca(store, name, modality, pca, standardize=not no_standardize)
             click.echo(f"PCA to {pca} dimensions stored as model {name!r}")
     except (FileNotFoundError, ValueError, LookupError) as error:
         raise Fail(str(error)) from None
@@ -309,19 +324,43 @@ def gate(ctx, tau, basis, where, interactions_run, adjust):
                f"(score run {plan.interactions_run}, adjust {plan.adjust}, c = {plan.adjust_constant:.4f})")
 
 
-def _backend(model: str, backend: str, device: str, adapter: str | None = None):
-    from engine.generate import load_backend
+def _backend(model: str, backend: str, device: str, adapter: str | None = None, executor: str = "local"):
+    """The model of a model-driven command: loaded here for the local executor (a model that cannot be
+    loaded fails at once), or described for each Ray worker to load."""
+    from engine.models.backends import BackendSpec, load_backend
 
+    if executor != "local":
+        return BackendSpec(model, backend, device, adapter=adapter)
     try:
         return load_backend(model, backend, device, adapter=adapter)
     except (FileNotFoundError, RuntimeError, ValueError) as error:
         raise Fail(str(error)) from None
 
 
+def executor_options(command):
+    """``--executor`` and ``--ray-address``, for the commands that run a stage."""
+    command = click.option("--ray-address", help="with --executor ray: join this cluster (default: start a local Ray)")(command)
+    return click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help="where batches run: this process, or Ray workers (pip install -e \".[ray]\")")(command)
+
+
+def _executor(name: str, ray_address: str | None):
+    from engine.stages.executors import executor_for
+
+    try:
+        return executor_for(name, address=ray_address) if name == "ray" else executor_for(name)
+    except ImportError as error:
+        raise Fail(f"--executor ray needs Ray: pip install -e \".[ray]\" ({error})") from None
+
+
 def _stage_summary(report, verb: str) -> None:
     click.echo(f"{report.written} rows {verb}, {report.rejected} rejected in {report.seconds:.1f} s "
                f"({report.samples_per_second:.2f} samples/s, {report.outside_share:.0%} of the time outside the model; "
                f"run {report.run_id})")
+    _rejects_summary(report)
+
+
+def _rejects_summary(report) -> None:
     for reason, count in sorted(report.reasons.items()):
         click.echo(f"  rejected: {count} x {reason}")
     if report.skipped_rejected:
@@ -343,14 +382,17 @@ MODEL_HELP = "image-text-to-text model id or folder (SmolVLM/Idefics3, Qwen2.5-V
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--max-new-tokens", default=96, show_default=True)
 @click.option("--commit-rows", default=64, show_default=True, help="commit whenever this many rows are done")
+@executor_options
 @quiet_option()
 @click.pass_context
-def caption(ctx, model, backend, device, adapter, use_gate, tier, where, limit, batch_size, max_new_tokens, commit_rows, quiet):
+def caption(ctx, model, backend, device, adapter, use_gate, tier, where, limit, batch_size, max_new_tokens, commit_rows,
+            executor, ray_address, quiet):
     """Caption the chosen rows' images (greedy); resumable, each row captioned once per captioner and prompt set."""
-    from engine.generate import caption as run_caption
+    from engine.stages.caption import caption as run_caption
 
-    report = run_caption(_store(ctx), _backend(model, backend, device, adapter), where, use_gate, tier, limit, batch_size,
-                         max_new_tokens, not quiet, commit_rows=commit_rows)
+    store = _store(ctx)
+    report = run_caption(store, _backend(model, backend, device, adapter, executor), where, use_gate, tier, limit, batch_size,
+                         max_new_tokens, not quiet, commit_rows=commit_rows, executor=_executor(executor, ray_address))
     _stage_summary(report, "captioned")
 
 
@@ -366,12 +408,14 @@ def caption(ctx, model, backend, device, adapter, use_gate, tier, where, limit, 
 @click.option("--report", is_flag=True, help="instead of scoring: precision/recall of PPL and Val_PPL against the corruption flags")
 @click.option("--plot", type=click.Path(), help="with --report: write the precision-recall plot here (PNG)")
 @click.option("--commit-rows", default=64, show_default=True, help="commit whenever this many rows are done")
+@executor_options
 @quiet_option()
 @click.pass_context
-def validate(ctx, model, backend, device, adapter, where, limit, batch_size, corrupted, report, plot, commit_rows, quiet):
+def validate(ctx, model, backend, device, adapter, where, limit, batch_size, corrupted, report, plot, commit_rows,
+             executor, ray_address, quiet):
     """PPL and Val_PPL (self-validation) of each answer; resumable. --report evaluates them."""
-    from engine.generate import validate as run_validate
-    from engine.generate import validation_report
+    from engine.stages.validate import validate as run_validate
+    from engine.stages.validate import validation_report
 
     if report:
         try:
@@ -381,8 +425,9 @@ def validate(ctx, model, backend, device, adapter, where, limit, batch_size, cor
         except OSError as error:  # --plot where no file can be written (e.g. under a file)
             raise Fail(f"cannot write {plot}: {error}") from None
         return
-    result = run_validate(_store(ctx), _backend(model, backend, device, adapter), where, limit, batch_size, corrupted, not quiet,
-                          commit_rows)
+    store = _store(ctx)
+    result = run_validate(store, _backend(model, backend, device, adapter, executor), where, limit, batch_size, corrupted,
+                          not quiet, commit_rows, _executor(executor, ray_address))
     _stage_summary(result, "scored")
 
 
@@ -393,15 +438,20 @@ def validate(ctx, model, backend, device, adapter, where, limit, batch_size, cor
 @click.option("--rewrite-model", help="rewrite free-form answers with this model instead of drawing from the subset")
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--commit-rows", default=512, show_default=True, help="commit whenever this many flags are made")
+@executor_options
 @quiet_option()
 @click.pass_context
-def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, quiet):
-    """Deterministically corrupt a fraction of answers (for experiments), keeping the originals."""
-    from engine.generate import corrupt as run_corrupt
+def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, commit_rows, executor, ray_address, quiet):
+    """Deterministically corrupt a fraction of answers (for experiments), keeping the originals; a killed run
+    is continued by the same command."""
+    from engine.stages.corrupt import corrupt as run_corrupt
 
-    model = _backend(rewrite_model, backend, device) if rewrite_model else None
+    store = _store(ctx)
+    model = _backend(rewrite_model, backend, device, executor=executor) if rewrite_model else None
     try:
-        run_id, counts = run_corrupt(_store(ctx), fraction, where, seed, model, progress=not quiet)
+        run_id, counts = run_corrupt(store, fraction, where, seed, model, progress=not quiet, commit_rows=commit_rows,
+                                     executor=_executor(executor, ray_address))
     except (LookupError, ValueError) as error:
         raise Fail(str(error)) from None
     kinds = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("rows", "corrupted"))
@@ -418,15 +468,18 @@ def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, quiet):
 @click.option("--per-option", default=2, show_default=True, help="facts to ask for about each option")
 @click.option("--limit", type=int, help="at most this many options (for trying things out)")
 @click.option("--batch-size", default=8, show_default=True)
+@executor_options
 @quiet_option()
 @click.pass_context
-def facts(ctx, model, backend, device, where, salt, per_option, limit, batch_size, quiet):
+def facts(ctx, model, backend, device, where, salt, per_option, limit, batch_size, executor, ray_address, quiet):
     """Facts about the wrong options of misleading descriptions, written by a model and cached for recipes
     (perturb.facts_model); each option is asked once per model and prompt."""
-    from engine.generate.facts import write_facts
+    from engine.stages.facts import write_facts
 
     try:
-        report = write_facts(_store(ctx), _backend(model, backend, device), where, salt, per_option, limit, batch_size, not quiet)
+        store = _store(ctx)
+        report = write_facts(store, _backend(model, backend, device, executor=executor), where, salt, per_option, limit,
+                             batch_size, not quiet, _executor(executor, ray_address))
     except ValueError as error:
         raise Fail(str(error)) from None
     click.echo(f"run {report.run_id}: facts for {report.written} of {report.options} options "

@@ -154,10 +154,11 @@ def partition_table_name(spec: TableSpec, key: dict) -> str:
     return f"{slug}-{hashlib.sha256(chr(0).join(values).encode()).hexdigest()[:8]}"
 
 
-def new_run_id(stage: str) -> str:
-    """A run id that sorts by start time: ``{stage}-{UTC time}-{4 hex}``."""
+def new_run_id(stage: str, tail: str | None = None) -> str:
+    """A run id that sorts by start time: ``{stage}-{UTC time}-{tail}``; the tail is 4 random hex digits
+    unless given (a resumable stage gives its configuration's digest, see ``engine.stages.base``)."""
     now = dt.datetime.now(dt.timezone.utc)
-    return f"{stage}-{now:%Y%m%dT%H%M%S%f}-{secrets.token_hex(2)}"
+    return f"{stage}-{now:%Y%m%dT%H%M%S%f}-{tail or secrets.token_hex(2)}"
 
 
 def package_versions() -> dict[str, str]:

@@ -68,8 +68,8 @@ def sample_store(sample_store_template, tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory) -> str:
-    """Folder of a tiny SmolVLM-architecture model (see engine/generate/tiny.py)."""
-    from engine.generate.tiny import build_tiny_smolvlm
+    """Folder of a tiny SmolVLM-architecture model (see engine/models/tiny.py)."""
+    from engine.models.tiny import build_tiny_smolvlm
 
     return str(build_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm")))
 

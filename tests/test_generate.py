@@ -12,11 +12,12 @@ from PIL import Image
 
 from conftest import REPO, cauldron_parquet, kill_after_commits, png, qa, run_to_end
 from engine.cli import main
-from engine.generate import (Request, caption, corrupt, load_backend, perplexity, precision_recall, validate,
-                             validation_report)
-from engine.generate.backends import TransformersBackend
-from engine.generate.corrupt import offered_letters
-from engine.generate.tiny import (LLAVA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, build_tiny_llava_onevision, build_tiny_qwen2_5_vl,
+from engine.models.backends import Request, TransformersBackend, load_backend, perplexity
+from engine.stages.caption import caption
+from engine.options import offered_letters
+from engine.stages.corrupt import corrupt
+from engine.stages.validate import precision_recall, validate, validation_report
+from engine.models.tiny import (LLAVA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, build_tiny_llava_onevision, build_tiny_qwen2_5_vl,
                                  build_tiny_smolvlm)
 from engine.ingest import ingest
 from engine.ingest.cauldron import ParquetFolderSource
@@ -350,7 +351,7 @@ def test_cli_caption_validate_corrupt_report(small_store, tiny_vlm, tmp_path):
 # -- facts for misleading descriptions ---------------------------------------------------------------------
 
 def test_parse_facts_takes_lines_or_sentences():
-    from engine.generate.facts import parse_facts
+    from engine.stages.facts import parse_facts
 
     assert parse_facts("1. Circles are round.\n2) Wheels are circles.\n\n- A third.", 2) == ["Circles are round.", "Wheels are circles."]
     assert parse_facts("Red is warm. Stop signs are red! Roses too.", 2) == ["Red is warm.", "Stop signs are red!"]
@@ -358,7 +359,7 @@ def test_parse_facts_takes_lines_or_sentences():
 
 
 def test_model_facts_are_cached_once_and_feed_misleading_descriptions(sample_store, backend, tmp_path):
-    from engine.generate.facts import needed_options, write_facts
+    from engine.stages.facts import needed_options, write_facts
 
     options = needed_options(sample_store)
     perturb = "perturb={image_heavy: {misleading: 1.0}, facts_model: " + backend.name + "}"
@@ -390,7 +391,7 @@ def test_facts_cli_names_bad_sql_and_reports_counts(small_store, tiny_vlm):
     result = CliRunner().invoke(main, [*base, "--where", "nonsense (("])
     assert result.exit_code == 2 and "--where: unbalanced '('" in result.output and result.output.count("\n") == 1
     result = CliRunner().invoke(main, [*base, "--where", "nonsense = 1"])
-    assert result.exit_code == 2 and "invalid SQL in where" in result.output and result.output.count("\n") == 1
+    assert result.exit_code == 2 and "--where: invalid SQL: Binder Error" in result.output and result.output.count("\n") == 1
     result = CliRunner().invoke(main, [*base, "--where", "true", "--per-option", "1"])
     assert result.exit_code == 0, result.output
     assert "facts for 3 of 3 options" in result.output  # vqav2 labels red/blue/green: each row's wrong one

@@ -10,7 +10,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from engine.embed import load_vectors
+from engine.stages.embed import load_vectors
 from engine.interactions.estimator import LSMIConfig, LSMIResult, estimate
 from engine.interactions.mi_gate import ADJUSTMENTS, GatePlan, decide, resolve_run, rus_figures
 from engine.interactions.pid import decompose, exact_pid
