@@ -164,8 +164,14 @@ def executor_options(command):
             raise Fail(f"{flag} is for --executor ray (the local executor runs the stage in this process)")
         from engine.stages.executors import executor_for
 
-        options = {"address": ray_address, "workers": workers} if executor == "ray" else {}
-        return command(*args, executor=executor_for(executor, **options), **kwargs)
+        if executor == "local":
+            return command(*args, executor=executor_for("local"), **kwargs)
+        from engine.stages.executors.ray import RayUnavailable
+
+        try:
+            return command(*args, executor=executor_for("ray", address=ray_address, workers=workers), **kwargs)
+        except RayUnavailable as error:
+            raise Fail(str(error)) from None
 
     options = [
         click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -241,7 +247,7 @@ def sample(out, seed):
 @executor_options
 @quiet_option()
 @click.pass_context
-def embed(ctx, model, modality, where, batch_size, device, pca, no_standardize, executor, ray_address, quiet):
+def embed(ctx, model, modality, where, batch_size, device, pca, no_standardize, executor, quiet):
     """Embed samples' images or texts (L2-normalised), resumable."""
     from engine.models.encoders import encoder_spec, load_encoder
     from engine.stages.embed import embed as run_embed
@@ -249,9 +255,8 @@ def embed(ctx, model, modality, where, batch_size, device, pca, no_standardize, 
 
     store = _store(ctx)
     try:
-        encoder = load_encoder(model, device) if executor == "local" else None  # Ray workers load their own
-        report = run_embed(store, model, modality, where, batch_size, device, not quiet, encoder,
-                           _executor(executor, ray_address))
+        encoder = load_encoder(model, device) if executor.name == "local" else None  # Ray workers load their own
+        report = run_embed(store, model, modality, where, batch_size, device, not quiet, encoder, executor)
         name = encoder.name if encoder else encoder_spec(model)[0]
         click.echo(f"{report.written} {modality} vectors from {name} in {report.seconds:.1f} s (run {report.run_id})")
         _rejects_summary(report)
@@ -337,22 +342,6 @@ def _backend(model: str, backend: str, device: str, adapter: str | None = None, 
         raise Fail(str(error)) from None
 
 
-def executor_options(command):
-    """``--executor`` and ``--ray-address``, for the commands that run a stage."""
-    command = click.option("--ray-address", help="with --executor ray: join this cluster (default: start a local Ray)")(command)
-    return click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-                        help="where batches run: this process, or Ray workers (pip install -e \".[ray]\")")(command)
-
-
-def _executor(name: str, ray_address: str | None):
-    from engine.stages.executors import executor_for
-
-    try:
-        return executor_for(name, address=ray_address) if name == "ray" else executor_for(name)
-    except ImportError as error:
-        raise Fail(f"--executor ray needs Ray: pip install -e \".[ray]\" ({error})") from None
-
-
 def _stage_summary(report, verb: str) -> None:
     click.echo(f"{report.written} rows {verb}, {report.rejected} rejected in {report.seconds:.1f} s "
                f"({report.samples_per_second:.2f} samples/s, {report.outside_share:.0%} of the time outside the model; "
@@ -386,13 +375,13 @@ MODEL_HELP = "image-text-to-text model id or folder (SmolVLM/Idefics3, Qwen2.5-V
 @quiet_option()
 @click.pass_context
 def caption(ctx, model, backend, device, adapter, use_gate, tier, where, limit, batch_size, max_new_tokens, commit_rows,
-            executor, ray_address, quiet):
+            executor, quiet):
     """Caption the chosen rows' images (greedy); resumable, each row captioned once per captioner and prompt set."""
     from engine.stages.caption import caption as run_caption
 
     store = _store(ctx)
-    report = run_caption(store, _backend(model, backend, device, adapter, executor), where, use_gate, tier, limit, batch_size,
-                         max_new_tokens, not quiet, commit_rows=commit_rows, executor=_executor(executor, ray_address))
+    report = run_caption(store, _backend(model, backend, device, adapter, executor.name), where, use_gate, tier, limit, batch_size,
+                         max_new_tokens, not quiet, commit_rows=commit_rows, executor=executor)
     _stage_summary(report, "captioned")
 
 
@@ -412,7 +401,7 @@ def caption(ctx, model, backend, device, adapter, use_gate, tier, where, limit, 
 @quiet_option()
 @click.pass_context
 def validate(ctx, model, backend, device, adapter, where, limit, batch_size, corrupted, report, plot, commit_rows,
-             executor, ray_address, quiet):
+             executor, quiet):
     """PPL and Val_PPL (self-validation) of each answer; resumable. --report evaluates them."""
     from engine.stages.validate import validate as run_validate
     from engine.stages.validate import validation_report
@@ -426,8 +415,8 @@ def validate(ctx, model, backend, device, adapter, where, limit, batch_size, cor
             raise Fail(f"cannot write {plot}: {error}") from None
         return
     store = _store(ctx)
-    result = run_validate(store, _backend(model, backend, device, adapter, executor), where, limit, batch_size, corrupted,
-                          not quiet, commit_rows, _executor(executor, ray_address))
+    result = run_validate(store, _backend(model, backend, device, adapter, executor.name), where, limit, batch_size, corrupted,
+                          not quiet, commit_rows, executor)
     _stage_summary(result, "scored")
 
 
@@ -442,16 +431,16 @@ def validate(ctx, model, backend, device, adapter, where, limit, batch_size, cor
 @executor_options
 @quiet_option()
 @click.pass_context
-def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, commit_rows, executor, ray_address, quiet):
+def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, commit_rows, executor, quiet):
     """Deterministically corrupt a fraction of answers (for experiments), keeping the originals; a killed run
     is continued by the same command."""
     from engine.stages.corrupt import corrupt as run_corrupt
 
     store = _store(ctx)
-    model = _backend(rewrite_model, backend, device, executor=executor) if rewrite_model else None
+    model = _backend(rewrite_model, backend, device, executor=executor.name) if rewrite_model else None
     try:
         run_id, counts = run_corrupt(store, fraction, where, seed, model, progress=not quiet, commit_rows=commit_rows,
-                                     executor=_executor(executor, ray_address))
+                                     executor=executor)
     except (LookupError, ValueError) as error:
         raise Fail(str(error)) from None
     kinds = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("rows", "corrupted"))
@@ -471,15 +460,15 @@ def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, commit_r
 @executor_options
 @quiet_option()
 @click.pass_context
-def facts(ctx, model, backend, device, where, salt, per_option, limit, batch_size, executor, ray_address, quiet):
+def facts(ctx, model, backend, device, where, salt, per_option, limit, batch_size, executor, quiet):
     """Facts about the wrong options of misleading descriptions, written by a model and cached for recipes
     (perturb.facts_model); each option is asked once per model and prompt."""
     from engine.stages.facts import write_facts
 
     try:
         store = _store(ctx)
-        report = write_facts(store, _backend(model, backend, device, executor=executor), where, salt, per_option, limit,
-                             batch_size, not quiet, _executor(executor, ray_address))
+        report = write_facts(store, _backend(model, backend, device, executor=executor.name), where, salt, per_option, limit,
+                             batch_size, not quiet, executor)
     except ValueError as error:
         raise Fail(str(error)) from None
     click.echo(f"run {report.run_id}: facts for {report.written} of {report.options} options "

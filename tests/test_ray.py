@@ -100,3 +100,10 @@ def test_the_cli_loads_ray_only_for_a_ray_run():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
     assert "--executor [local|ray]" in out and out.splitlines()[-1] == "False"
+
+
+def test_a_pool_the_cluster_cannot_hold_fails_with_what_it_has(ray_cluster):
+    executor = RayExecutor(workers=3)
+    executor.start_timeout_s = 3
+    with pytest.raises(RayUnavailable, match=r"could not start 3 workers of 1 CPU each within 3 s \(it has 2 CPU, 0 GPU\)"):
+        list(executor.run(Lengths(), selection(64), None, 16))

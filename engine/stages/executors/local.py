@@ -12,6 +12,8 @@ from engine.stages.base import Reader, Stage, StageOutput, read_ahead
 class LocalExecutor:
     """``setup()`` once, then every batch in selection order, the next batch read ahead on a thread."""
 
+    name = "local"
+
     def run(self, stage: Stage, selection: pa.Table, reader: Reader | None, batch_rows: int) -> Iterator[StageOutput]:
         if not len(selection):
             return

@@ -123,6 +123,8 @@ class RayExecutor:
 
     name = "ray"
 
+    start_timeout_s = 600  # how long the whole pool may take to start (a cluster may be adding nodes)
+
     def __init__(self, workers: int | None = None, address: str | None = None):
         if workers is not None and workers < 1:
             raise ValueError(f"--workers must be at least 1, not {workers}")
@@ -136,6 +138,9 @@ class RayExecutor:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the runner shows one progress bar, whichever executor runs
         context.print_on_execution_start = False
+        # every actor set up before the first batch goes out: the work spreads over the whole pool, and a
+        # pool the cluster cannot hold fails with a clear error instead of waiting for ever
+        context.wait_for_min_actors_s = self.start_timeout_s
         logging.getLogger("ray.data").setLevel(logging.ERROR)
 
         numbered = selection.append_column(SEQ, pa.array(range(len(selection)), pa.int64()))
@@ -143,14 +148,23 @@ class RayExecutor:
         blocks = [numbered.slice(start, batch_rows) for start in range(0, len(numbered), batch_rows)]
         gpus = float(stage.needs.gpus or 0)
         resources = {"num_gpus": gpus} if gpus else {"num_cpus": 1}
-        workers = self.workers or _fitting_workers(ray, gpus)
+        workers = min(self.workers or _fitting_workers(ray, gpus), len(blocks))
         outputs = ray.data.from_arrow(blocks).map_batches(
             _StageActor, fn_constructor_args=(stage, reader), batch_size=batch_rows, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=min(workers, len(blocks))), **resources)
+            compute=ray.data.ActorPoolStrategy(size=workers), **resources)
         try:
             yield from _in_order(outputs.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2))
+        except ray.exceptions.GetTimeoutError:
+            each = f"{gpus:g} GPU" if gpus else "1 CPU"
+            raise RayUnavailable(f"the Ray cluster could not start {workers} workers of {each} each within "
+                                 f"{self.start_timeout_s} s (it has {_resources(ray)})") from None
         except ray.exceptions.RayError as error:
             raise _user_error(error) from None
+
+
+def _resources(ray) -> str:
+    total = ray.cluster_resources()
+    return ", ".join(f"{total.get(kind, 0):g} {kind}" for kind in ("CPU", "GPU"))
 
 
 def _fitting_workers(ray, gpus: float) -> int:
