@@ -1,8 +1,8 @@
 """Run a stage's batches on a Ray cluster: Ray Data maps the driver's selection through a pool of stateful actors.
 
 The driver selects the rows in DuckDB (ids, storage positions, text columns; no images) and hands them to
-``RayExecutor.run``. Ray Data splits them into batches of ``batch_rows`` (the same boundaries as the local
-executor, so a model sees the same batches) and streams them through ``workers`` actors. Each actor calls the
+``RayExecutor.run``. Ray Data streams them, a few of the stage's batches per task (cut where the local
+executor cuts its batches, so a model sees the same batches), through a pool of ``workers`` actors. Each actor calls the
 stage's ``setup()`` once (a model loads once per actor; a GPU stage's actor holds ``num_gpus=1``, so vLLM or
 transformers sees one GPU of its own), reads its rows' images by position through the picklable ``reader``, and
 runs ``process()``. The outputs come back to the driver and are yielded in selection order; the runner commits
@@ -72,32 +72,43 @@ def connect(address: str | None = None, workers: int | None = None, **local_opti
 
 
 class _StageActor:
-    """One worker of the pool: sets the stage up once, then turns batches of the selection into outputs.
+    """One worker of the pool: sets the stage up once, then turns chunks of the selection into outputs.
 
-    Each output is one row per input batch: where the batch starts in the selection, its row count, and the
-    pickled ``StageOutput`` (Arrow tables pickle as Arrow IPC buffers, without a row-by-row copy), or the
-    pickled exception the stage raised (Ray would wrap it and drop its type; the driver raises it as it was).
+    A chunk (one Ray task) holds several of the stage's batches; the actor processes them one by one, the
+    next read ahead on a thread (``read_ahead``, as the local executor does), and returns one row per batch:
+    where it starts in the selection, its row count, and the pickled ``StageOutput`` (Arrow tables pickle as
+    IPC buffers) or the pickled exception the stage raised (Ray would wrap it and drop its type; the driver
+    raises it as it was).
     """
 
-    def __init__(self, stage, reader):
-        from engine.stages.base import load_batch
+    def __init__(self, stage, reader, batch_rows: int):
+        from engine.stages.base import read_ahead
 
-        self.stage, self.reader, self.load_batch, self.failed = stage, reader, load_batch, None
+        self.stage, self.reader, self.batch_rows, self.read_ahead = stage, reader, batch_rows, read_ahead
+        self.failed = None
         try:
             stage.setup()
         except Exception as error:  # reported with the first batch, as the stage's own error
             self.failed = error
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        start = batch.column(SEQ)[0].as_py()
-        try:
-            if self.failed is not None:
-                raise self.failed
-            result = self.stage.run_batch(self.load_batch(batch.drop_columns([SEQ]), self.reader))
-        except Exception as error:
-            result = _picklable(error)
-        return pa.table({SEQ: pa.array([start], pa.int64()), "rows": pa.array([len(batch)], pa.int64()),
-                         "output": pa.array([pickle.dumps(result, protocol=5)], pa.large_binary())})
+    def __call__(self, chunk: pa.Table) -> pa.Table:
+        first = chunk.column(SEQ)[0].as_py()
+        starts, counts, outputs = [], [], []
+        batches = self.read_ahead(chunk.drop_columns([SEQ]), self.reader, self.batch_rows)
+        for start in range(0, len(chunk), self.batch_rows):
+            try:
+                if self.failed is not None:
+                    raise self.failed
+                output = self.stage.run_batch(next(batches))
+            except Exception as error:
+                output = _picklable(error)
+            starts.append(first + start)
+            counts.append(min(self.batch_rows, len(chunk) - start))
+            outputs.append(pickle.dumps(output, protocol=5))
+            if isinstance(output, Exception):
+                break  # the driver raises it; the rest of the chunk would be thrown away
+        return pa.table({SEQ: pa.array(starts, pa.int64()), "rows": pa.array(counts, pa.int64()),
+                         "output": pa.array(outputs, pa.large_binary())})
 
 
 def _picklable(error: Exception) -> Exception:
@@ -143,15 +154,19 @@ class RayExecutor:
         context.wait_for_min_actors_s = self.start_timeout_s
         logging.getLogger("ray.data").setLevel(logging.ERROR)
 
-        numbered = selection.append_column(SEQ, pa.array(range(len(selection)), pa.int64()))
-        # one block per batch: Ray Data's batches then start where the local executor's do
-        blocks = [numbered.slice(start, batch_rows) for start in range(0, len(numbered), batch_rows)]
         gpus = float(stage.needs.gpus or 0)
         resources = {"num_gpus": gpus} if gpus else {"num_cpus": 1}
-        workers = min(self.workers or _fitting_workers(ray, gpus), len(blocks))
-        outputs = ray.data.from_arrow(blocks).map_batches(
-            _StageActor, fn_constructor_args=(stage, reader), batch_size=batch_rows, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=workers), **resources)
+        batches = -(-len(selection) // batch_rows)
+        workers = min(self.workers or _fitting_workers(ray, gpus), batches)
+        chunk_rows = batch_rows * _batches_per_task(batches, workers, batch_rows)
+        numbered = selection.append_column(SEQ, pa.array(range(len(selection)), pa.int64()))
+        # one block per task, cut at multiples of batch_rows: the stage sees the batches the local executor makes.
+        # from_blocks keeps the blocks as they are and reads their metadata here (from_arrow runs a Ray task
+        # per table for it: seconds on a busy machine before any work starts)
+        blocks = [numbered.slice(start, chunk_rows) for start in range(0, len(numbered), chunk_rows)]
+        outputs = ray.data.from_blocks(blocks).map_batches(
+            _StageActor, fn_constructor_args=(stage, reader, batch_rows), batch_size=chunk_rows,
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), **resources)
         try:
             yield from _in_order(outputs.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2))
         except ray.exceptions.GetTimeoutError:
@@ -160,6 +175,17 @@ class RayExecutor:
                                  f"{self.start_timeout_s} s (it has {_resources(ray)})") from None
         except ray.exceptions.RayError as error:
             raise _user_error(error) from None
+
+
+TASKS_PER_WORKER = 4  # enough for each actor to have its next task queued while it works on one
+MAX_TASK_ROWS = 1024  # a task's outputs reach the driver (and the store) together: keep them coming
+
+
+def _batches_per_task(batches: int, workers: int, batch_rows: int) -> int:
+    """How many of the stage's batches one Ray task carries: few tasks (each costs a round trip through
+    Ray) but enough that every actor always has work queued, and not so large a result waits long."""
+    spread = -(-batches // (workers * TASKS_PER_WORKER))
+    return max(1, min(spread, MAX_TASK_ROWS // batch_rows))
 
 
 def _resources(ray) -> str:
