@@ -74,6 +74,25 @@ def tiny_vlm(tmp_path_factory) -> str:
     return str(build_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm")))
 
 
+@pytest.fixture
+def small_store(tmp_path):
+    """Twelve vqav2 rows with class-like answers, one broken image and one overlong question."""
+    good = png(16, 16)
+    rows = [([good], qa(f"what color is shape {i}?", ["red", "blue", "green"][i % 3], "vqav2")) for i in range(12)]
+    rows.append(([good], qa("word " * 400, "red", "vqav2")))  # longer than the 256-token context
+    cauldron_parquet(tmp_path / "src" / "vqav2" / "train-00000-of-00001.parquet", rows)
+    from engine.ingest import ingest
+    from engine.ingest.cauldron import ParquetFolderSource
+    from engine.store import Store
+
+    store = Store(tmp_path / "store")
+    ingest(store, ParquetFolderSource(tmp_path / "src"), progress=False)
+    # a row whose stored image no longer decodes (ingest rejects such rows; stages must cope anyway)
+    store.append("samples", [{"sample_id": "cauldron:vqav2:train:99", "source": "cauldron", "subset": "vqav2", "split": "train",
+                              "category": "Real-world VQA", "images": [b"broken"], "turns": qa("q", "red", "vqav2")}])
+    return store
+
+
 def kill_after_commits(command: list[str], table_dir: Path, commits: int, timeout: float = 120) -> None:
     """Start ``command``, SIGKILL it once ``table_dir`` (a Lance table) has ``commits`` versions, and check
     that it really was killed mid-run."""

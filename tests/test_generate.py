@@ -166,21 +166,6 @@ def test_vllm_backend_refuses_without_cuda(tiny_vlm):
 
 # -- stages -----------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def small_store(tmp_path):
-    """Twelve vqav2 rows with class-like answers, one broken image and one overlong question."""
-    good = png(16, 16)
-    rows = [([good], qa(f"what color is shape {i}?", ["red", "blue", "green"][i % 3], "vqav2")) for i in range(12)]
-    rows.append(([good], qa("word " * 400, "red", "vqav2")))  # longer than the 256-token context
-    cauldron_parquet(tmp_path / "src" / "vqav2" / "train-00000-of-00001.parquet", rows)
-    store = Store(tmp_path / "store")
-    ingest(store, ParquetFolderSource(tmp_path / "src"), progress=False)
-    # a row whose stored image no longer decodes (ingest rejects such rows; stages must cope anyway)
-    store.append("samples", [{"sample_id": "cauldron:vqav2:train:99", "source": "cauldron", "subset": "vqav2", "split": "train",
-                              "category": "Real-world VQA", "images": [b"broken"], "turns": qa("q", "red", "vqav2")}])
-    return store
-
-
 def test_caption_writes_each_row_once_and_rejects_what_it_cannot_use(small_store, backend):
     report = caption(small_store, backend, max_new_tokens=5, batch_size=4, progress=False)
     assert (report.written, report.rejected) == (13, 1)  # the caption prompt does not include the long question

@@ -8,6 +8,7 @@ so every Ray test here also runs across nodes. Skipped when the ``ray`` extra is
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +21,9 @@ from engine.stages.base import Stage, StageOutput, reject  # noqa: E402
 from engine.stages.executors.local import LocalExecutor  # noqa: E402
 from engine.stages.executors.ray import RayExecutor, RayUnavailable  # noqa: E402
 
-from conftest import REPO  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from conftest import REPO, cauldron_parquet, kill_after_commits, png, qa, run_to_end  # noqa: E402
+from engine.cli import main  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test stages travel to the actors by value
 
@@ -85,11 +88,11 @@ def test_a_stage_error_reaches_the_driver_as_itself(ray_cluster):
         list(RayExecutor(workers=1).run(Broken(), selection(4), None, 4))
 
 
-def test_an_unreachable_address_fails_at_once_with_one_line(ray_cluster):
+def test_an_unreachable_address_fails_at_once_with_one_line():
     with pytest.raises(RayUnavailable, match=r"^no Ray cluster answers at 127\.0\.0\.1:9 \("):
-        list(RayExecutor(address="127.0.0.1:9").run(Lengths(), selection(4), None, 4))
+        RayExecutor(address="127.0.0.1:9")
     with pytest.raises(RayUnavailable, match="is not host:port"):
-        list(RayExecutor(address="nowhere").run(Lengths(), selection(4), None, 4))
+        RayExecutor(address="nowhere")
 
 
 def test_the_cli_loads_ray_only_for_a_ray_run():
@@ -107,3 +110,77 @@ def test_a_pool_the_cluster_cannot_hold_fails_with_what_it_has(ray_cluster):
     executor.start_timeout_s = 3
     with pytest.raises(RayUnavailable, match=r"could not start 3 workers of 1 CPU each within 3 s \(it has 2 CPU, 0 GPU\)"):
         list(executor.run(Lengths(), selection(64), None, 16))
+
+
+# -- the engine's own stages, through the command line ---------------------------------------------------------
+def twin(store):
+    """A copy of ``store`` (to run the same command on it with the other executor)."""
+    from engine.store import Store
+
+    shutil.copytree(store.root, store.root.parent / "twin")
+    return Store(store.root.parent / "twin")
+
+
+def run(store, *args: str) -> str:
+    result = CliRunner().invoke(main, ["--store", str(store.root), *args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def rejects(store, stage: str) -> list[tuple[str, str]]:
+    return sorted((r["sample_id"], r["reason"]) for r in store.arrow("rejects").to_pylist() if r["stage"] == stage)
+
+
+def test_embed_on_ray_gives_the_local_vectors(ray_cluster, small_store):
+    other = twin(small_store)
+    run(small_store, "embed", "--model", "classical", "--modality", "image", "--batch-size", "4")
+    out = run(other, "embed", "--model", "classical", "--modality", "image", "--batch-size", "4",
+              "--executor", "ray", "--workers", "2")
+    assert out.startswith("13 image vectors from classical:")
+    local, remote = (s.arrow("embeddings", ["sample_id", "model", "vector"]).sort_by("sample_id") for s in (small_store, other))
+    assert len(local) == 13 and remote.equals(local)  # the same floats, bit for bit
+    assert rejects(other, "embed") == rejects(small_store, "embed") == [
+        ("cauldron:vqav2:train:99", rejects(small_store, "embed")[0][1])]
+
+
+@pytest.mark.slow
+def test_caption_on_ray_gives_the_local_captions(ray_cluster, small_store, tiny_vlm):
+    other = twin(small_store)
+    args = ["caption", "--model", tiny_vlm, "--batch-size", "4", "--max-new-tokens", "5"]
+    run(small_store, *args)
+    run(other, *args, "--executor", "ray", "--workers", "2")
+    columns = ["sample_id", "caption", "tokens", "captioner", "prompt_id"]
+    local, remote = (s.arrow("captions", columns).sort_by("sample_id") for s in (small_store, other))
+    assert len(local) == 13 and remote.equals(local)
+    assert rejects(other, "caption") == rejects(small_store, "caption") and len(rejects(other, "caption")) == 1
+
+
+@pytest.mark.slow
+def test_a_killed_ray_run_finishes_every_row_exactly_once(ray_cluster, tmp_path, tiny_vlm):
+    from engine.ingest import ingest
+    from engine.ingest.cauldron import ParquetFolderSource
+    from engine.store import Store
+
+    rows = [([png(12, 12, (i, 0, 0))], qa(f"question {i}", "red", "vqav2")) for i in range(60)]
+    cauldron_parquet(tmp_path / "src" / "vqav2" / "train-00000-of-00001.parquet", rows)
+    store_path = tmp_path / "store"
+    ingest(Store(store_path), ParquetFolderSource(tmp_path / "src"), progress=False)
+    command = [sys.executable, "-m", "engine.cli", "--store", str(store_path), "caption", "--model", tiny_vlm,
+               "--batch-size", "2", "--commit-rows", "2", "--max-new-tokens", "4", "--quiet",
+               "--executor", "ray", "--ray-address", ray_cluster, "--workers", "1"]
+    kill_after_commits(command, store_path / "captions.lance", commits=3)
+    partial = Store(store_path).table("captions").count_rows()
+    assert 0 < partial < 60
+    run_to_end(command)
+    ids = Store(store_path).arrow("captions", ["sample_id"]).column("sample_id").to_pylist()
+    assert len(ids) == 60 == len(set(ids))
+
+
+def test_the_cli_says_in_one_line_what_is_wrong(small_store):
+    result = CliRunner().invoke(main, ["--store", str(small_store.root), "embed", "--model", "classical", "--modality",
+                                       "image", "--executor", "ray", "--ray-address", "127.0.0.1:9"])
+    assert result.exit_code == 2 and result.output.startswith("error: no Ray cluster answers at 127.0.0.1:9 (")
+    assert len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(main, ["--store", str(small_store.root), "embed", "--model", "classical", "--modality",
+                                       "image", "--workers", "2"])
+    assert result.exit_code == 2 and "--workers is for --executor ray" in result.output

@@ -139,6 +139,8 @@ class RayExecutor:
     def __init__(self, workers: int | None = None, address: str | None = None):
         if workers is not None and workers < 1:
             raise ValueError(f"--workers must be at least 1, not {workers}")
+        if address:
+            _check_address(address)  # before any work: a command fails at once on a wrong address
         self.workers, self.address = workers, address
 
     def run(self, stage, selection: pa.Table, reader, batch_rows: int) -> Iterator:
