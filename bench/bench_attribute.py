@@ -21,7 +21,7 @@ from engine.attribution.estimate import histogram
 from engine.attribution.run import AttributeConfig, attribute
 from engine.models.backends import load_backend
 from engine.models.tiny import build_tiny_smolvlm
-from engine.ingest import ingest_sample
+from engine.stages.ingest import ingest_sample
 from engine.store import Store
 
 

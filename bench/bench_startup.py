@@ -2,7 +2,9 @@
 
 The heavy libraries' own import times are timed beside the commands, since they are what a command
 that imported them eagerly would pay before doing anything: `engine --help` used to import the store,
-hence lancedb; `engine query` needs only lance, DuckDB and pyarrow (and polars to print a table).
+hence lancedb; `engine query` needs only lance, DuckDB and pyarrow (DuckDB draws the table, the csv module
+writes CSV) and loads pyarrow.dataset without pandas (``engine.query.defer_pandas``). The machine's load
+average is printed before and after: on a shared machine the figures move with it.
 
     python bench/bench_startup.py [--repeats 7]
 """
@@ -37,7 +39,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     with tempfile.TemporaryDirectory() as scratch:
         store = Path(scratch) / "store"
-        subprocess.run([sys.executable, "-c", "from engine.ingest import ingest_sample; from engine.store import Store; "
+        subprocess.run([sys.executable, "-c", "from engine.stages.ingest import ingest_sample; from engine.store import Store; "
                         f"ingest_sample(Store({str(store)!r}), {str(Path(scratch) / 'sample')!r}, scale=0.1, progress=False)"],
                        env=env, check=True)
         engine = [sys.executable, "-m", "engine.cli", "--store", str(store)]
@@ -50,15 +52,19 @@ def main() -> None:
             ("engine query (380 rows, csv)", [*engine, "query", "select count(*) from samples", "--format", "csv"], 0.5),
             ("import duckdb, pyarrow", [sys.executable, "-c", "import duckdb, pyarrow"], None),
             ("import lance", [sys.executable, "-c", "import lance"], None),
-            ("import polars", [sys.executable, "-c", "import polars"], None),
+            ("import lance, duckdb (no pandas)", [sys.executable, "-c", "from engine.query import defer_pandas; "
+                                                  "defer_pandas(); import lance, duckdb"], None),
+            ("import pandas", [sys.executable, "-c", "import pandas"], None),
             ("import lancedb", [sys.executable, "-c", "import lancedb"], None),
             ("import engine.store, lancedb", [sys.executable, "-c", "import engine.store, lancedb"], None),
         ]
+        print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs")
         print(f"{'command':<34}{'median s':>10}{'min s':>8}{'target s':>10}")
         for label, argv, target in rows:
             seconds = timed(argv, args.repeats, env)
             mark = "" if target is None else f"{target:>10.1f}"
             print(f"{label:<34}{statistics.median(seconds):>10.3f}{min(seconds):>8.3f}{mark}")
+        print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

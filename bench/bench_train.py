@@ -29,7 +29,7 @@ CONTENDERS = ("trl-sft", "sft", "consistency", "adversarial", "full")
 
 def prepare(root: Path, budget: int) -> Path:
     """The bundled sample at a tenth of its size, built with the interference recipe (budget rows)."""
-    from engine.ingest import ingest_sample
+    from engine.stages.ingest import ingest_sample
     from engine.recipes import build, load_recipe
     from engine.store import Store
 

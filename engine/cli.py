@@ -52,6 +52,8 @@ EXAMPLES = {
     "caption": ["engine caption --model HuggingFaceTB/SmolVLM-256M-Instruct --gate",
                 "engine caption --model Qwen/Qwen2.5-VL-32B-Instruct --tier 0.5 --backend vllm --device cuda",
                 "engine caption --model models/tiny --where \"subset = 'ai2d'\" --limit 20"],
+    "image-stats": ["engine image-stats",
+                    "engine image-stats --where \"split = 'train'\" --executor ray"],
     "validate": ["engine validate --model HuggingFaceTB/SmolVLM-256M-Instruct --where \"split = 'train'\" --limit 300",
                  "engine validate --model HuggingFaceTB/SmolVLM-256M-Instruct --corrupted --limit 300",
                  "engine validate --model HuggingFaceTB/SmolVLM-256M-Instruct --report --plot pr.png"],
@@ -202,8 +204,9 @@ def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, max_image_
     """Ingest SOURCE: `sample` (bundled, offline), `easy_vqa`, a Parquet/`save_to_disk` folder in the
     Cauldron schema, or a hub dataset id such as HuggingFaceM4/the_cauldron. Resumes where a killed
     run stopped."""
-    from engine.ingest import ingest as run_ingest
-    from engine.ingest import ingest_sample, resolve_source
+    from engine.ingest import resolve_source
+    from engine.stages.ingest import ingest as run_ingest
+    from engine.stages.ingest import ingest_sample
 
     store = _store(ctx, create=True)
     max_image_bytes = int(max_image_mb * (1 << 20))
@@ -265,6 +268,24 @@ def embed(ctx, model, modality, where, batch_size, device, pca, no_standardize, 
             click.echo(f"PCA to {pca} dimensions stored as model {name!r}")
     except (FileNotFoundError, ValueError, LookupError) as error:
         raise Fail(str(error)) from None
+
+
+@main.command(name="image-stats")
+@click.option("--where", callback=_where_flag, help="SQL filter over facts (default: every sample)")
+@click.option("--batch-size", default=64, show_default=True)
+@executor_options
+@quiet_option()
+@click.pass_context
+def image_stats(ctx, where, batch_size, executor, quiet):
+    """Brightness and contrast of each sample's first image (the README's example stage), resumable."""
+    from engine.stages.base import run_stage
+    from engine.stages.image_stats import ImageStats
+
+    store = _store(ctx)
+    report = run_stage(store, ImageStats(), where, executor=executor, progress=not quiet,
+                       batch_rows=batch_size, commit_rows=512, config={"where": where})
+    click.echo(f"{report.written} images measured, {report.rejected} rejected in {report.seconds:.1f} s (run {report.run_id})")
+    _rejects_summary(report)
 
 
 @main.command()
@@ -620,7 +641,11 @@ def build(ctx, recipe, overrides, quiet):
 @click.option("--method", type=click.Choice(["sft", "consistency", "adversarial", "full"]), default="full", show_default=True,
               help="sft: CE; consistency: CE + w*JS(original, variant); adversarial: CE + CE_adv (PGD); full: all three")
 @click.option("--out", required=True, type=click.Path(), help="folder for the adapter, processor, train_manifest.json, loss.png")
-@click.option("--full", "full_finetune", is_flag=True, help="fine-tune the whole language model (vision side frozen) instead of LoRA")
+@click.option("--full", "full_finetune", is_flag=True, help="fine-tune whole parts (--train) instead of LoRA on the language model")
+@click.option("--train", "parts", default="lm", show_default=True,
+              help="with --full: comma-separated trainable parts, from lm, connector, vision (the others stay frozen)")
+@click.option("--part-lr", "part_lrs", multiple=True, metavar="PART=LR",
+              help="a learning rate for one part, e.g. --part-lr vision=1e-3 (repeatable; others use --lr)")
 @click.option("--lr", "learning_rate", default=5e-5, show_default=True, help="learning rate (Self-Captioning App. C.1)")
 @click.option("--warmup", "warmup_ratio", default=0.03, show_default=True, help="share of steps warming up linearly")
 @click.option("--epochs", default=1.0, show_default=True)
@@ -644,7 +669,7 @@ def build(ctx, recipe, overrides, quiet):
 @click.option("--device", default="auto", show_default=True, help="auto: CUDA when present (bf16 + gradient checkpointing), else CPU")
 @click.option("--num-workers", default=0, show_default=True, help="data loader processes (image decoding and processing)")
 @click.option("--quiet", is_flag=True)
-def train(mixture, model, method, out, full_finetune, learning_rate, warmup_ratio, epochs, batch_size, effective_batch, max_steps,
+def train(mixture, model, method, out, full_finetune, parts, part_lrs, learning_rate, warmup_ratio, epochs, batch_size, effective_batch, max_steps,
           max_length, consistency, consistency_weight, temperature, anchor_gradient, pgd_alpha, pgd_epsilon, pgd_steps, lora_r,
           lora_alpha, lora_dropout, seed, save_steps, resume, device, num_workers, quiet):
     """Fine-tune MODEL on a built MIXTURE (LoRA SFT, JS consistency, PGD on the irrelevant modality).
@@ -666,7 +691,15 @@ def train(mixture, model, method, out, full_finetune, learning_rate, warmup_rati
             where = "with --full" if term == "lora" else f"with --method {method}"
             raise Fail(f"--{given[0].replace('_', '-')} has no effect {where}")
 
-    config = TrainConfig(method=method, full=full_finetune, learning_rate=learning_rate, warmup_ratio=warmup_ratio, epochs=epochs,
+    part_lr = {}
+    for given in part_lrs:
+        part, _, value = given.partition("=")
+        try:
+            part_lr[part.strip()] = float(value)
+        except ValueError:
+            raise Fail(f"--part-lr {given!r}: expected PART=LR, e.g. vision=1e-3") from None
+    config = TrainConfig(method=method, full=full_finetune, parts=tuple(p.strip() for p in parts.split(",") if p.strip()),
+                         part_lr=part_lr, learning_rate=learning_rate, warmup_ratio=warmup_ratio, epochs=epochs,
                          batch_size=batch_size, effective_batch=effective_batch, max_steps=max_steps, max_length=max_length,
                          consistency=consistency, consistency_weight=consistency_weight, temperature=temperature,
                          anchor_gradient=anchor_gradient, pgd_alpha=pgd_alpha, pgd_epsilon=pgd_epsilon, pgd_steps=pgd_steps,
@@ -696,8 +729,9 @@ def train(mixture, model, method, out, full_finetune, learning_rate, warmup_rati
 def query(ctx, sql, fmt, output, max_rows):
     """Run read-only SQL over the store: every table is a view, and `facts` joins samples with the
     newest interactions, validation, corruption and gate rows."""
-    from engine.query import QueryError, run_query, write_result
+    from engine.query import QueryError, defer_pandas, run_query, write_result
 
+    defer_pandas()
     try:
         result = run_query(_store(ctx), sql)
         write_result(result, fmt, output, max_rows)
@@ -772,9 +806,10 @@ def report(ctx, out, mixture, eval_dir):
 @click.pass_context
 def runs(ctx, stage, fmt, max_rows):
     """List the store's runs: stage, model, rows, start time, seconds and a hash of each run's config."""
-    from engine.query import run_query, write_result
+    from engine.query import defer_pandas, run_query, write_result
     from engine.report import runs_sql
 
+    defer_pandas()
     write_result(run_query(_store(ctx), runs_sql(stage)), fmt, None, max_rows)
 
 if __name__ == "__main__":

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
-import json
 import sys
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import duckdb
-import pyarrow as pa
-import pyarrow.parquet as pq
+if TYPE_CHECKING:  # a query imports only what it runs: DuckDB, lance, pyarrow (see ``defer_pandas``)
+    import pyarrow as pa
 
-from engine.store import Store
+    from engine.store import Store
 
 READ_ONLY = {"SELECT", "EXPLAIN"}
 
@@ -21,8 +19,39 @@ class QueryError(ValueError):
     pass
 
 
+class _NoPandas:
+    """An import finder that makes ``import pandas`` fail (see ``defer_pandas``)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError("pandas is deferred while pyarrow.dataset loads")
+        return None
+
+
+def defer_pandas() -> None:
+    """Load ``pyarrow.dataset`` (which ``lance`` needs) without importing pandas, for a short-lived
+    process that never builds a DataFrame (``engine query``, ``engine runs``).
+
+    ``pyarrow.dataset`` probes for pandas while it loads, and importing pandas costs about 0.2-0.3 s, a
+    third of a small query. With the probe answered "absent", pyarrow leaves its pandas integration
+    off until something asks for it: ``Table.to_pandas`` still imports pandas and works, only
+    ``pa.array`` no longer recognises a pandas Series as array-like in that process. Nothing happens
+    when pandas or ``pyarrow.dataset`` is already loaded.
+    """
+    if "pandas" in sys.modules or "pyarrow.dataset" in sys.modules:
+        return
+    blocker = _NoPandas()
+    sys.meta_path.insert(0, blocker)
+    try:
+        import pyarrow.dataset  # noqa: F401
+    finally:
+        sys.meta_path.remove(blocker)
+
+
 def run_query(store: Store, sql: str) -> pa.Table:
     """Run one SELECT (or EXPLAIN) statement; anything that could write is refused before it runs."""
+    import duckdb
+
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as error:
@@ -42,35 +71,56 @@ def run_query(store: Store, sql: str) -> pa.Table:
 
 
 def write_result(table: pa.Table, fmt: str, output: str | None, max_rows: int = 50) -> None:
-    """Print or save a result as a table, CSV, JSON lines or Parquet."""
-    import polars as pl
-
+    """Print or save a result as a table (drawn by DuckDB), CSV, JSON lines or Parquet."""
     if output:
         _make_parent(output)
     if fmt == "parquet":
         if not output:
             raise QueryError("--format parquet needs --output FILE")
+        import pyarrow.parquet as pq
+
         pq.write_table(table, output)
     elif fmt == "json":  # one object per line; bytes (images) as base64
+        import json
+
         lines = (json.dumps(row, default=_json_default, ensure_ascii=False) for row in table.to_pylist())
-        _emit("".join(line + "\n" for line in lines), output)
-    elif fmt == "csv":  # nested and binary columns as their Python text
-        flat = [
-            pa.array([str(v) for v in column.to_pylist()]) if _is_complex(column.type) else column
-            for column in table.columns
-        ]
-        _emit(pl.from_arrow(pa.table(flat, names=table.column_names)).write_csv(), output)
+        with _sink(output) as handle:
+            handle.writelines(line + "\n" for line in lines)
+    elif fmt == "csv":  # nested and binary columns as their Python text, NULL as an empty field
+        import csv
+
+        columns = [[_csv_value(v, _is_complex(c.type)) for v in c.to_pylist()] for c in table.columns]
+        with _sink(output, newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(table.column_names)
+            writer.writerows(zip(*columns))
     else:
-        frame = pl.from_arrow(table)
-        with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
-            _emit(str(frame) + "\n", output)
+        import duckdb
+
+        with duckdb.connect() as con, _sink(output) as handle, redirect_stdout(handle):
+            con.from_arrow(table).show(max_rows=max_rows, max_width=200, max_col_width=60)
+
+
+def _csv_value(value, complex_type: bool):
+    if value is None:
+        return ""
+    if complex_type:
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
 
 
 def _is_complex(arrow_type: pa.DataType) -> bool:
+    import pyarrow as pa
+
     return pa.types.is_nested(arrow_type) or pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type)
 
 
 def _json_default(value):
+    import base64
+    import datetime as dt
+
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     if isinstance(value, (dt.date, dt.datetime)):
@@ -99,9 +149,11 @@ def _make_parent(output: str) -> None:
         raise QueryError(f"cannot write {output}: it is a folder")
 
 
-def _emit(text: str, output: str | None) -> None:
+@contextmanager
+def _sink(output: str | None, newline: str | None = None):
+    """Where a result goes: the file ``output``, or stdout."""
     if output:
-        with open(output, "w") as handle:
-            handle.write(text)
+        with open(output, "w", newline=newline, encoding="utf-8") as handle:
+            yield handle
     else:
-        sys.stdout.write(text)
+        yield sys.stdout

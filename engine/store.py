@@ -129,6 +129,8 @@ def table_specs() -> dict[str, TableSpec]:
             vectors=tuple(c["name"] for c in body["columns"] if c["type"].startswith("vector<")),
             run_as=body.get("run_as"),
         )
+        if specs[name].join not in (None, "run", "latest"):
+            raise ValueError(f"schemas/store.yaml: {name}.join must be run or latest, got {specs[name].join!r}")
     seen: dict[str, str] = {c: "samples" for c in specs["samples"].schema.names}
     for spec in specs.values():
         if spec.join:
@@ -214,6 +216,8 @@ class Store:
         self._db = None
         self._lock_depth, self._lock_file, self._thread_lock = 0, None, threading.RLock()
         self._present: dict[Path, tuple[dict[int, str], set]] = {}  # see _drop_present
+        if (self.root / "embeddings.lance").is_dir():  # a store from before fixed-size vectors
+            self.migrate_embeddings()
 
     @property
     def db(self):
@@ -342,6 +346,65 @@ class Store:
         keys = zip(*(rows.column(c).to_pylist() for c in spec.unique))
         keep = [key not in present for key in keys]
         return rows if all(keep) else rows.filter(pa.array(keep))
+
+    def migrate_embeddings(self) -> dict[str, int]:
+        """Move a store written before fixed-size vectors onto the current layout.
+
+        Such a store holds every embedding in one table, ``embeddings.lance``, whose ``vector`` is a
+        variable-length list, so LanceDB's search and ANN indexes refuse it. Its rows are copied, one
+        (modality, model) at a time, into that partition's table of fixed-size vectors (``append`` drops
+        rows already copied, so a killed migration resumes), a transformed model's saved transform is
+        copied to where ``engine.stages.embed`` looks for it when one fit made all its vectors, and the old
+        table is then renamed ``embeddings.lance.before-fixed-size`` (kept, never deleted). A model
+        whose vectors have more than one width cannot be stored fixed-size: its rows stay in the old
+        table only, and a warning names it.
+
+        Returns
+        -------
+        ``{"modality/model": rows copied}``.
+        """
+        import sys
+
+        import lance
+        import pyarrow.compute as pc
+
+        old = self.root / "embeddings.lance"
+        copied: dict[str, int] = {}
+        with self.writing():
+            if not old.is_dir():  # another process migrated it meanwhile
+                return copied
+            spec = self.spec("embeddings")
+            if committed(old):
+                dataset = lance.dataset(str(old))
+                keys = dataset.to_table(columns=["modality", "model"])
+                groups = keys.group_by(["modality", "model"]).aggregate([]).sort_by([("modality", "ascending"), ("model", "ascending")])
+                for modality, model in zip(groups.column("modality").to_pylist(), groups.column("model").to_pylist()):
+                    rows = conform(spec, dataset.to_table(
+                        filter=f"modality = {sql_literal(modality)} and model = {sql_literal(model)}"))
+                    widths = pc.unique(pc.list_value_length(rows.column("vector"))).to_pylist()
+                    if len(widths) != 1 or widths[0] is None:
+                        print(f"warning: {modality} embeddings of {model!r} have widths {sorted(w for w in widths if w is not None)}: "
+                              f"not migrated, left in {old.name}.before-fixed-size (embed the model again)", file=sys.stderr)
+                        continue
+                    self._write_partition(spec, rows, overwrite=False)
+                    copied[f"{modality}/{model}"] = len(rows)
+                    self._migrate_transform(spec, modality, model, pc.unique(rows.column("run_id")).to_pylist())
+            aside = old.with_name(old.name + ".before-fixed-size")
+            while aside.exists():
+                aside = aside.with_name(aside.name + "-again")
+            old.rename(aside)
+        return copied
+
+    def _migrate_transform(self, spec: TableSpec, modality: str, model: str, runs: list) -> None:
+        """Copy a transformed model's transform from the old place (``transforms/{model, made safe}.npz``)
+        to ``transforms/{partition table}/{run_id}.npz`` when one fit run made all its vectors."""
+        old = self.root / "transforms" / (model.replace("/", "__").replace("|", "--") + ".npz")
+        if len(runs) != 1 or runs[0] is None or not old.is_file():
+            return
+        folder = self.root / "transforms" / partition_table_name(spec, {"modality": modality, "model": model})
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / f"{runs[0]}.npz").exists():
+            shutil.copyfile(old, folder / f"{runs[0]}.npz")
 
     def overwrite(self, name: str, data: pa.Table | pa.RecordBatch | list[dict]) -> int:
         """Replace one partition of a partitioned table with ``data`` in one Lance commit (readers see
@@ -517,7 +580,8 @@ class Store:
         ----------
         pins
             ``{table: {column: value}}`` choosing which rows of a joined fact table count (e.g. the run
-            or model); without a pin, each sample's row from the newest run is used.
+            or model); without a pin, a ``join: run`` table gives its newest finished run
+            (``newest_run_sql``) and a ``join: latest`` table each sample's newest row.
 
         Returns
         -------
@@ -559,6 +623,7 @@ class Store:
             else:
                 con.register(name, spec.schema.empty_table())
         con.execute(facts_view_sql(pins or {}))
+        check_pins(con, pins or {})
         return versions
 
 
@@ -583,8 +648,22 @@ def attach(con: duckdb.DuckDBPyConnection, store: str | os.PathLike | Store, pin
     return store.register(con, pins)
 
 
+def newest_run_sql(table: str, finished_only: bool = False) -> str:
+    """A SQL scalar expression: the run of ``table`` a reader takes when none is named.
+
+    That is the newest finished run (one with its row in ``runs``: a killed run has none), so a
+    partial rescoring or a run still being written is never mixed with a complete one. Unless
+    ``finished_only``, a table none of whose runs has a ``runs`` row (rows written by hand or by another
+    tool) gives its newest run instead. ``facts`` and the MI gate both choose their run here.
+    """
+    finished = f"(select max(run_id) from {table} where run_id in (select run_id from runs))"
+    return finished if finished_only else f"coalesce({finished}, (select max(run_id) from {table}))"
+
+
 def facts_view_sql(pins: dict[str, dict]) -> str:
-    """SQL creating ``facts``: samples left-joined with one row per sample of each ``join: latest`` table."""
+    """SQL creating ``facts``: samples left-joined with each joinable table. A ``join: run`` table gives
+    the rows of one run (the pinned ``run_id``, else ``newest_run_sql``); a ``join: latest`` table gives
+    each sample's row from its newest run. Other pinned columns filter the rows first."""
     specs = table_specs()
     unknown = set(pins) - {n for n, s in specs.items() if s.join}
     if unknown:
@@ -598,7 +677,10 @@ def facts_view_sql(pins: dict[str, dict]) -> str:
         for column in pin:
             if column not in spec.schema.names:
                 raise KeyError(f"facts.{name}: no column {column!r} in {name}; columns: {spec.schema.names}")
-        where = " and ".join(f"{c} = {sql_literal(v)}" for c, v in pin.items()) or "true"
+        conditions = [f"{c} = {sql_literal(v)}" for c, v in pin.items()]
+        if spec.join == "run" and "run_id" not in pin:
+            conditions.append(f"run_id = {newest_run_sql(name)}")
+        where = " and ".join(conditions) or "true"
         columns = ", ".join(spec.fact_columns + ([f"run_id as {spec.run_as}"] if spec.run_as else []))
         joins.append(
             f"left join (select sample_id, {columns} from {name} where {where} "
@@ -606,3 +688,22 @@ def facts_view_sql(pins: dict[str, dict]) -> str:
         )
         selects.extend(f"_{name}.{c}" for c in spec.fact_columns + ([spec.run_as] if spec.run_as else []))
     return f"create or replace temp view facts as select {', '.join(selects)} from samples " + " ".join(joins)
+
+
+def check_pins(con: duckdb.DuckDBPyConnection, pins: dict[str, dict]) -> None:
+    """Refuse a ``facts`` pin that matches no row (a mistyped run id or model), in one line that lists
+    what the table holds, instead of joining NULLs.
+
+    Raises
+    ------
+    KeyError
+        ``facts.{table}: no rows with run_id = 'x'; its newest run_id values: [...]``.
+    """
+    for name, pin in pins.items():
+        for column, value in (pin or {}).items():
+            if con.execute(f"select count(*) from {name} where {column} = ?", [value]).fetchone()[0]:
+                continue
+            known = [v for (v,) in con.execute(f"select distinct {column} from {name} where {column} is not null "
+                                               f"order by 1 desc limit 5").fetchall()]
+            raise KeyError(f"facts.{name}: no rows with {column} = {value!r}; "
+                           f"its newest {column} values: {known or 'none, the table is empty'}")

@@ -48,7 +48,7 @@ def qa(question: str, answer: str, source: str = "test") -> list[dict]:
 @pytest.fixture(scope="session")
 def sample_store_template(tmp_path_factory) -> Path:
     """A store holding the bundled sample at one tenth of its size (plus its annotation captions)."""
-    from engine.ingest import ingest_sample
+    from engine.stages.ingest import ingest_sample
     from engine.store import Store
 
     root = tmp_path_factory.mktemp("sample")

@@ -19,7 +19,7 @@ from engine.stages.corrupt import corrupt
 from engine.stages.validate import precision_recall, validate, validation_report
 from engine.models.tiny import (LLAVA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, build_tiny_llava_onevision, build_tiny_qwen2_5_vl,
                                  build_tiny_smolvlm)
-from engine.ingest import ingest
+from engine.stages.ingest import ingest
 from engine.ingest.cauldron import ParquetFolderSource
 from engine.recipes import RecipeError, build, load_recipe
 from engine.store import Store

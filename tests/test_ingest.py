@@ -10,7 +10,8 @@ from PIL import Image
 
 from conftest import cauldron_parquet, kill_after_commits, png, qa, run_to_end
 from engine.images import fit_size, standardize
-from engine.ingest import ingest, resolve_source
+from engine.ingest import resolve_source
+from engine.stages.ingest import ingest
 from engine.ingest.cauldron import ParquetFolderSource
 from engine.ingest.easyvqa import EasyVQASource
 from engine.store import Store
@@ -104,6 +105,24 @@ def test_easy_vqa_rows_carry_the_answer_class_as_label(tmp_path):
     }
     assert all(r["label"] == r["turns"][0]["assistant"] for r in rows)
     assert rows[0]["sample_id"] == "easy_vqa:easy_vqa:test:0" and (rows[0]["width"], rows[0]["height"]) == (64, 64)
+
+
+def test_easy_vqa_ingest_loads_the_annotation_captions_once(tmp_path):
+    """Every row whose image the package annotates (colour and shape questions) gets its image's caption under
+    captioner easy-vqa-annotations; a second ingest adds none."""
+    from engine.ingest.easyvqa import CAPTIONER, image_annotations, questions
+
+    store = Store(tmp_path / "store")
+    ingest(store, EasyVQASource(splits=("test",), limit=30), progress=False)
+    captions = {r["sample_id"]: r for r in store.arrow("captions").to_pylist()}
+    annotations, images = image_annotations("test"), questions("test")[2][:30]
+    expected = {f"easy_vqa:easy_vqa:test:{row}": annotations[image] for row, image in enumerate(images) if image in annotations}
+    assert set(captions) == set(expected) and len(expected) == 20
+    for sample_id, (color, shape) in expected.items():
+        assert captions[sample_id]["caption"] == f"A single {color} {shape} drawn on a plain light background."
+        assert captions[sample_id]["captioner"] == CAPTIONER == "easy-vqa-annotations"
+    ingest(store, EasyVQASource(splits=("test",), limit=30), progress=False)
+    assert len(store.arrow("captions")) == len(expected)
 
 
 def test_a_killed_ingest_resumes_without_duplicates(tmp_path):

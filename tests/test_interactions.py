@@ -13,7 +13,7 @@ from PIL import Image
 from engine.cli import main
 from engine.models.encoders import MINILM, ClassicalImageEncoder, load_encoder
 from engine.stages.embed import embed, fit_pca, load_transform, load_vectors, pca_apply
-from engine.ingest import ingest
+from engine.stages.ingest import ingest
 from engine.ingest.easyvqa import EasyVQASource
 from engine.interactions import estimator, gate, pid, score
 from engine.interactions.estimator import LSMIConfig, estimate
@@ -278,7 +278,7 @@ def test_gate_cli_errors_are_one_line(tmp_path):
     for args, message in ((["--tau", "hot"], "error: --tau: expected a number in [0, 1], got 'hot'"),
                           (["--tau", "2"], "error: tau must be in [0, 1], got 2"),
                           (["--tau", "0.5", "--interactions-run", "nope"], "error: interactions run 'nope' scored nothing"),
-                          (["--tau", "0.5", "--where", "nosuchcolumn > 1"], "error: where: invalid SQL over facts")):
+                          (["--tau", "0.5", "--where", "nosuchcolumn > 1"], "error: --where: invalid SQL: Binder Error")):
         result = runner.invoke(main, ["--store", str(store.root), "gate", *args])
         assert result.exit_code == 2 and result.output.startswith(message) and len(result.output.splitlines()) == 1, result.output
     result = runner.invoke(main, ["--store", str(store.root), "gate", "--tau", "0.29", "--adjust", "none"])

@@ -20,7 +20,7 @@ def test_every_table_documents_every_column():
     assert {"samples", "rejects", "embeddings", "interactions", "captions", "validation", "corruption", "runs"} <= set(specs)
     for spec in specs.values():
         assert spec.doc and set(spec.docs) == set(spec.schema.names) and all(spec.docs.values())
-    assert specs["interactions"].join == "latest" and specs["captions"].join is None
+    assert specs["interactions"].join == "run" and specs["validation"].join == "latest" and specs["captions"].join is None
 
 
 def test_appends_are_versioned_commits(tmp_path):

@@ -314,6 +314,60 @@ def test_full_fine_tuning_freezes_the_vision_side(smol):
     assert not any(n.startswith(("model.vision_model.", "model.connector.")) for n in trainable)
 
 
+CONNECTORS = {"smolvlm": ("model.connector.",), "qwen2.5-vl": ("model.visual.merger.",),
+              "llava-onevision": ("model.multi_modal_projector.", "model.image_newline")}
+LANGUAGE = {"smolvlm": "model.text_model.", "qwen2.5-vl": "model.language_model.", "llava-onevision": "model.language_model."}
+
+
+@pytest.mark.parametrize("architecture", ["smolvlm", "qwen2.5-vl", "llava-onevision"])
+def test_train_parts_split_each_architecture_into_language_model_connector_and_vision(architecture, models):
+    from transformers import AutoModelForImageTextToText
+
+    from engine.train.trainer import parameter_parts
+
+    model = AutoModelForImageTextToText.from_pretrained(models[architecture])
+    parts = parameter_parts(model)
+    for name, part in parts.items():
+        expected = ("lm" if name.startswith((LANGUAGE[architecture], "lm_head.")) else
+                    "connector" if name.startswith(CONNECTORS[architecture]) else "vision")
+        assert part == expected, (name, part)
+    assert set(parts.values()) == {"lm", "connector", "vision"}
+    prepared = prepare_model(model, TrainConfig(full=True, parts=("connector", "vision")))
+    trainable = {n for n, p in prepared.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, part in parts.items() if part != "lm"}
+
+
+def test_train_all_parts_with_a_learning_rate_per_part(mixture, tiny_vlm, tmp_path):
+    """--train lm,connector,vision updates the vision tower and connector too; --part-lr gives a part its own
+    rate (here 0-ish for the vision tower, so it barely moves while the connector moves a lot)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(mixture), "--model", tiny_vlm, "--method", "sft", "--full",
+                                       "--train", "lm,connector,vision", "--lr", "1e-2", "--part-lr", "vision=1e-9",
+                                       "--max-steps", "2", "--warmup", "0", "--batch-size", "2", "--effective-batch", "2",
+                                       "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "train_manifest.json").read_text())
+    assert manifest["config"]["parts"] == ["lm", "connector", "vision"] and manifest["config"]["part_lr"] == {"vision": 1e-9}
+    assert set(manifest["trainable_parameters"]) == {"lm", "connector", "vision"}
+    from transformers import AutoModelForImageTextToText
+
+    before = AutoModelForImageTextToText.from_pretrained(tiny_vlm).state_dict()
+    after = load_file(str(out / "model.safetensors"))
+    moved = {part: max(float((after[n] - before[n]).abs().max()) for n in after if n.startswith(prefix))
+             for part, prefix in (("connector", "model.connector."), ("vision", "model.vision_model."), ("lm", "model.text_model."))}
+    assert moved["connector"] > 1e-3 and moved["lm"] > 1e-3 and 0 < moved["vision"] < 1e-6, moved
+    result = CliRunner().invoke(main, ["train", str(mixture), "--model", tiny_vlm, "--train", "lm,vision", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--train connector/vision needs --full" in result.output
+    result = CliRunner().invoke(main, ["train", str(mixture), "--model", tiny_vlm, "--full", "--train", "lm,eyes", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "unknown model part 'eyes'" in result.output
+    result = CliRunner().invoke(main, ["train", str(mixture), "--model", tiny_vlm, "--full", "--part-lr", "vision=1e-3", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--part-lr vision: that part is not trained" in result.output
+    result = CliRunner().invoke(main, ["train", str(mixture), "--model", tiny_vlm, "--full", "--part-lr", "lm", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--part-lr 'lm': expected PART=LR" in result.output
+
+
 @pytest.mark.slow
 def test_sixteen_rows_overfit(tiny_vlm, tmp_path):
     """Full fine-tuning drives the answer CE of 16 rows below half its start. LoRA learns too, but on a random

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from engine.evaluate.metrics import causal_effect, consistency, delta_p, diagnose, is_correct
 from engine.models.backends import Backend, Request, decode_images, run_fitting
 from engine.options import offered_letters
-from engine.stages.base import undecodable
+from engine.stages.base import check_where, undecodable
 from engine.hashing import hash_u64
 from engine.perturb.image import CORRUPTIONS as IMAGE_CORRUPTIONS
 from engine.perturb.image import corrupt_images
@@ -201,6 +201,7 @@ def load_items(store=None, where: str | None = None, dataset: str | None = None,
 
     con, _ = store.connect()
     try:
+        check_where(con, where)
         items = con.sql(
             f"""select sample_id, images, turns[1].user as question, turns[1].assistant as answer, task_kind, subset, label,
             source, split from facts where {where or "split = 'test'"} order by sample_id {f"limit {int(limit)}" if limit else ""}"""

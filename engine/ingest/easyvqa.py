@@ -1,6 +1,8 @@
 """easy-vqa (PyPI): 64x64 images of one coloured shape, template questions, 13 answer classes.
 One row per question; the answer class is the row's ``label``, which makes it a real discrete-label
-dataset for the interaction estimator."""
+dataset for the interaction estimator. Ingesting it also loads a caption per row composed from the package's
+own annotations of its image (colour and shape, read off the answers; captioner ``easy-vqa-annotations``), so
+caption-injecting recipes run on easy-vqa without a captioning model."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ import re
 from collections.abc import Iterator
 from functools import cache
 
-from engine.ingest.base import RawRow, Source
+from engine.ingest.source import RawRow, Source
 
 SPLITS = ("train", "test")
+CAPTIONER = "easy-vqa-annotations"
+PROMPT_ID = "annotations"
 
 
 @cache
@@ -50,10 +54,17 @@ def image_annotations(split: str) -> dict[int, tuple[str, str]]:
     return {image: (colors[image], shapes[image]) for image in colors.keys() & shapes.keys()}
 
 
+def annotation_caption(color: str, shape: str) -> str:
+    """The caption an image's annotations compose."""
+    return f"A single {color} {shape} drawn on a plain light background."
+
+
 class EasyVQASource(Source):
     """All questions of the chosen easy-vqa splits, as subset ``easy_vqa``."""
 
     name = "easy_vqa"
+    captioner = CAPTIONER
+    caption_prompt_id = PROMPT_ID
 
     def __init__(self, splits: tuple[str, ...] = SPLITS, limit: int | None = None):
         self.splits = splits
@@ -80,3 +91,13 @@ class EasyVQASource(Source):
                     texts=[{"user": question, "assistant": answer, "source": "easy_vqa"}],
                     label=answer,
                 )
+
+    def captions(self) -> Iterator[tuple[str, str]]:
+        """Each question row's caption, from its image's annotations (rows whose image lacks one get none)."""
+        for split in self.splits:
+            annotations = image_annotations(split)
+            for row, image in enumerate(questions(split)[2]):
+                if self.limit is not None and row >= self.limit:
+                    break
+                if image in annotations:
+                    yield f"{self.name}:easy_vqa:{split}:{row}", annotation_caption(*annotations[image])

@@ -65,8 +65,7 @@ class _EasyVQAPool:
         return easyvqa._image_bytes(self.paths[image_id])
 
     def caption(self, image_id: int) -> str:
-        color, shape = self.annotations[image_id]
-        return f"A single {color} {shape} drawn on a plain light background."
+        return easyvqa.annotation_caption(*self.annotations[image_id])
 
 
 def _questions(pool: list, rng: np.random.Generator, n: int, subset: str, easy: _EasyVQAPool):

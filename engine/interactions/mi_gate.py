@@ -117,10 +117,11 @@ def resolve_run(con: duckdb.DuckDBPyConnection, run_id: str | None) -> tuple[str
         No finished score run, or the named run scored nothing.
     """
     if run_id is None:
-        runs = score_runs(con)
-        if not runs:
+        from engine.store import newest_run_sql
+
+        run_id = con.execute(f"select {newest_run_sql('interactions', finished_only=True)}").fetchone()[0]
+        if run_id is None:
             raise LookupError("no finished score run in the store; run `engine score` first")
-        return runs[0]
     if not con.execute("select count(*) from interactions where run_id = ?", [run_id]).fetchall()[0][0]:
         known = [r for (r,) in con.execute("select distinct run_id from interactions order by 1 desc limit 5").fetchall()]
         raise LookupError(f"interactions run {run_id!r} scored nothing; newest runs: {known or 'none'}")

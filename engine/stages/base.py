@@ -42,7 +42,7 @@ from engine.paths import RECIPES_DIR, load_yaml
 from engine.hashing import hash_u64_sql, tier_threshold
 from engine.rejects import permanent_sql
 from engine.sql import WhereError, check_filter, sql_literal
-from engine.store import Store, new_run_id
+from engine.store import Store, conform, new_run_id
 
 
 @cache
@@ -279,7 +279,8 @@ class Commits:
         if rejects:  # the store writes each (sample, stage, reason) once (rejects' unique key)
             self.store.append("rejects", rejects)
         if rows:
-            self.store.append(self.table, pa.concat_tables(rows, promote_options="permissive"))
+            spec = self.store.spec(self.table)
+            self.store.append(self.table, pa.concat_tables([conform(spec, part) for part in rows]))
 
     def land(self) -> None:
         """Wait for the commit in flight (and raise its error, if writing failed)."""
@@ -400,10 +401,12 @@ def select(store: Store, stage: Stage, where: str | None = None, condition: str 
 
 def run_stage(store: Store, stage: Stage, where: str | None = None, condition: str | None = None,
               limit: int | None = None, executor: Executor | None = None, progress: bool = True,
-              commit_rows: int = 64, batch_rows: int | None = None, config: dict | None = None) -> StageReport:
+              commit_rows: int = 64, batch_rows: int | None = None, config: dict | None = None,
+              record_empty: bool = True) -> StageReport:
     """Run ``stage`` over the rows it still has to do (``select``) with ``executor`` (default: local),
     committing results whenever ``commit_rows`` are pending (a kill loses at most that much work), then
-    record the run. ``config`` adds to ``stage.config()`` in the run record (e.g. the filter)."""
+    record the run. ``config`` adds to ``stage.config()`` in the run record (e.g. the filter);
+    ``record_empty=False`` records no run when there was nothing to do."""
     started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     run_id, resumed = None, False
     if stage.resume_unfinished_run:
@@ -418,11 +421,23 @@ def run_stage(store: Store, stage: Stage, where: str | None = None, condition: s
         from engine.stages.executors.local import LocalExecutor
 
         executor = LocalExecutor()
-    batch_rows = batch_rows or stage.batch_rows
-    bar = _progress(len(selection), stage, progress)
+    if not len(selection) and not record_empty and not resumed:
+        return report
+    outputs = executor.run(stage, selection, reader, batch_rows or stage.batch_rows)
+    commit_outputs(store, stage, outputs, report, len(selection), progress, commit_rows)
+    finish_run(store, stage, report, started, clock, {**(config or {}), "limit": limit})
+    return report
+
+
+def commit_outputs(store: Store, stage: Stage, outputs: Iterable[StageOutput], report: StageReport, total: int | None,
+                   progress: bool = True, commit_rows: int = 64, commit_bytes: int | None = None) -> None:
+    """The one loop that lands a stage's results: each output's rows get the run id, its rejects the stage
+    and run id, both go to ``Commits`` (committed on the writer thread at the cadence), and the report
+    counts them; a progress bar follows the selection rows done."""
+    bar = _progress(total, stage, progress)
     seconds: dict[str, float] = {}
-    with Commits(store, stage.table, commit_rows) as commits:
-        for output in executor.run(stage, selection, reader, batch_rows):
+    with Commits(store, stage.table, commit_rows, commit_bytes) as commits:
+        for output in outputs:
             rows = output.rows
             if rows is not None and rows.num_rows:
                 rows = rows.append_column("run_id", pa.array([report.run_id] * rows.num_rows, pa.string()))
@@ -437,13 +452,37 @@ def run_stage(store: Store, stage: Stage, where: str | None = None, condition: s
             commits.add(rows, rejects)
             bar.update(output.inputs)
     bar.close()
-    report.seconds = time.perf_counter() - clock
     report.model_seconds, report.prepare_seconds = seconds.get("model", 0.0), seconds.get("processor", 0.0)
+
+
+def finish_run(store: Store, stage: Stage, report: StageReport, started: dt.datetime, clock: float,
+               config: dict | None = None) -> None:
+    """Time the run, let the stage add its figures, and append the ``runs`` record (which also compacts
+    the tables the run's many commits fragmented)."""
+    report.seconds = time.perf_counter() - clock
     stage.report_extra(store, report)
     timing = {"model_seconds": report.model_seconds, "processor_seconds": report.prepare_seconds, "seconds": report.seconds}
-    counts = {"rejected": report.rejected, "skipped_rejected": skipped, **report.extra}
-    store.record_run(report.run_id, stage.name, {**stage.config(), **(config or {}), "limit": limit, **counts, **timing},
-                     started, report.written + report.earlier)
+    counts = {"rejected": report.rejected, "skipped_rejected": report.skipped_rejected, **report.extra}
+    store.record_run(report.run_id, stage.name, {**stage.config(), **(config or {}), **counts, **timing}, started,
+                     report.written + report.earlier)
+
+
+class WholeStage(Stage):
+    """A computation over a whole selection at once (``engine score``, ``engine gate``): its rows land
+    through the same commits, and its run is recorded the same way, as a per-row stage's (``write_run``)."""
+
+    def __init__(self, name: str, table: str, config: dict):
+        self.name, self.table, self._config = name, table, config
+
+    def config(self) -> dict:
+        return self._config
+
+
+def write_run(store: Store, stage: WholeStage, rows: pa.Table, run_id: str, started: dt.datetime, clock: float) -> StageReport:
+    """Commit ``rows`` (without ``run_id``: added here) to the stage's table and record the run."""
+    report = StageReport(run_id=run_id, stage=stage.name, selected=rows.num_rows)
+    commit_outputs(store, stage, [StageOutput(rows, inputs=rows.num_rows)], report, rows.num_rows, False, rows.num_rows + 1)
+    finish_run(store, stage, report, started, clock)
     return report
 
 
@@ -454,5 +493,6 @@ def _progress(total: int, stage: Stage, enabled: bool):
     return tqdm(total=total, desc=label, unit="row", disable=not enabled)
 
 
-__all__ = ["Commits", "Executor", "Needs", "Reader", "Stage", "StageOutput", "StageReport", "check_where", "decode_rows",
-           "load_batch", "prompts", "read_ahead", "reject", "run_stage", "select", "selection_sql"]
+__all__ = ["Commits", "Executor", "Needs", "Reader", "Stage", "StageOutput", "StageReport", "check_where", "commit_outputs",
+           "decode_each", "decode_rows", "finish_run", "load_batch", "prompts", "read_ahead", "reject", "run_stage", "select",
+           "selection_sql", "undecodable", "WholeStage", "write_run"]

@@ -25,6 +25,10 @@ from engine.train.objective import (answer_logits, answer_rows, consistency, cro
 
 METHODS = ("sft", "consistency", "adversarial", "full")
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PARTS = ("lm", "connector", "vision")
+# modules that map vision features into the language model's input space: Idefics3's connector, LLaVA's projector
+# and image-newline embedding, Qwen2.5-VL's patch merger (inside ``visual``)
+CONNECTOR_MODULES = ("connector", "multi_modal_projector", "image_newline", "merger")
 
 
 class TrainError(RuntimeError):
@@ -38,8 +42,10 @@ class TrainConfig:
     fine-tuning recipe those runs built on)."""
 
     method: str = "sft"
-    full: bool = False  # full fine-tuning of the language model instead of LoRA
+    full: bool = False  # full fine-tuning instead of LoRA
+    parts: tuple[str, ...] = ("lm",)  # with ``full``: the trainable parts, from PARTS
     learning_rate: float = 5e-5
+    part_lr: dict = field(default_factory=dict)  # per-part learning rates (part -> lr); others use learning_rate
     warmup_ratio: float = 0.03
     epochs: float = 1.0
     batch_size: int = 8  # groups (an original with its variants) per micro-batch and device
@@ -80,6 +86,18 @@ class TrainConfig:
             raise TrainError("--pgd-epsilon must be positive and --pgd-steps non-negative")
         if self.temperature <= 0:
             raise TrainError("--temperature must be positive")
+        unknown = [part for part in (*self.parts, *self.part_lr) if part not in PARTS]
+        if unknown:
+            raise TrainError(f"unknown model part {unknown[0]!r}; choose from {', '.join(PARTS)}")
+        if not self.parts:
+            raise TrainError("--train names no part; choose from " + ", ".join(PARTS))
+        if not self.full and tuple(self.parts) != ("lm",):
+            raise TrainError("--train connector/vision needs --full (LoRA adapts the language model only)")
+        idle = [part for part in self.part_lr if part not in self.parts]
+        if idle:
+            raise TrainError(f"--part-lr {idle[0]}: that part is not trained (--train {','.join(self.parts)})")
+        if any(not (lr > 0) for lr in self.part_lr.values()):
+            raise TrainError("--part-lr learning rates must be positive")
 
     @property
     def uses_consistency(self) -> bool:
@@ -115,14 +133,29 @@ def lora_target_regex(model, modules: tuple[str, ...]) -> str:
     return rf"{re.escape(language_model_prefix(model))}\..*\.({'|'.join(map(re.escape, modules))})"
 
 
+def parameter_parts(model) -> dict[str, str]:
+    """Each parameter's part: ``lm`` (the language model and its head), ``connector`` (what maps vision features
+    into the language model's input space) or ``vision`` (the rest: the vision tower)."""
+    prefix = language_model_prefix(model)
+    head = _module_name(model, model.get_output_embeddings())
+    parts = {}
+    for name, _ in model.named_parameters():
+        if name.startswith(prefix + ".") or name.startswith(head + "."):
+            parts[name] = "lm"
+        elif any(component in CONNECTOR_MODULES for component in name.split(".")):
+            parts[name] = "connector"
+        else:
+            parts[name] = "vision"
+    return parts
+
+
 def prepare_model(model, config: TrainConfig):
-    """Wrap ``model`` for training: LoRA on the language model's projections, or (``full``) every language
-    model and LM-head parameter trainable with the vision side (tower and connector) frozen."""
+    """Wrap ``model`` for training: LoRA on the language model's projections, or (``full``) every parameter of
+    the chosen parts (default: the language model and its head) trainable, the others frozen."""
     if config.full:
-        prefix = language_model_prefix(model)
-        head = _module_name(model, model.get_output_embeddings())
+        parts = parameter_parts(model)
         for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name.startswith(prefix + ".") or name.startswith(head + "."))
+            parameter.requires_grad_(parts[name] in config.parts)
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -150,6 +183,24 @@ def make_trainer_class():
             loader = DataLoader(self.train_dataset, batch_sampler=self.group_sampler, collate_fn=self.data_collator,
                                 num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
             return self.accelerator.prepare(loader)
+
+        def create_optimizer(self, model=None):
+            """The configured optimizer with one parameter group per part that has its own learning rate."""
+            if self.optimizer is not None or not self.objective.part_lr:
+                return super().create_optimizer(model)
+            target = self.accelerator.unwrap_model(self.model if model is None else model)
+            parts = parameter_parts(target)
+            optimizer_class, kwargs = self.get_optimizer_cls_and_kwargs(self.args, target)
+            decay = set(self.get_decay_parameter_names(target))
+            groups: dict[tuple, list] = {}
+            for name, parameter in target.named_parameters():
+                if parameter.requires_grad:
+                    lr = self.objective.part_lr.get(parts[name], self.args.learning_rate)
+                    wd = self.args.weight_decay if name in decay else 0.0
+                    groups.setdefault((lr, wd), []).append(parameter)
+            self.optimizer = optimizer_class([{"params": params, "lr": lr, "weight_decay": wd}
+                                              for (lr, wd), params in groups.items()], **kwargs)
+            return self.optimizer
 
         def _note(self, name: str, value: float) -> None:
             self.terms.setdefault(name, []).append(value)
@@ -216,6 +267,18 @@ def make_trainer_class():
             super().log(logs, *args, **kwargs)
 
     return InterferenceTrainer
+
+
+def _trainable_by_part(model, config: TrainConfig) -> dict[str, int]:
+    """Trainable parameter counts per part (LoRA: the adapter's, under ``lm``)."""
+    if not config.full:
+        return {"lm": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    parts = parameter_parts(model)
+    counts = {part: 0 for part in config.parts}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            counts[parts[name]] += parameter.numel()
+    return counts
 
 
 def _rows_of(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor):
@@ -309,6 +372,7 @@ def train(mixture: str | Path, model_id: str, out: str | Path, config: TrainConf
         raise TrainError(f"no usable rows in {mixture} ({reasons or 'the mixture is empty'})")
     set_seed(config.seed)  # LoRA's initial weights
     model = prepare_model(model, config)
+    trainable = _trainable_by_part(model, config)
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     collator = GroupCollator(examples, pad_id, config.uses_adversarial)
     sampler = GroupBatchSampler(examples.groups, config.batch_size, config.seed)
@@ -349,7 +413,8 @@ def train(mixture: str | Path, model_id: str, out: str | Path, config: TrainConf
     manifest = {
         "mixture": str(Path(mixture).resolve()), "mixture_manifest_sha256": manifest_sha,
         "recipe_sha256": mixture_manifest.get("recipe_sha256"), "model": model_id,
-        "config": {**asdict(config), "lora_modules": list(config.lora_modules), "gradient_accumulation_steps": accumulation,
+        "config": {**asdict(config), "lora_modules": list(config.lora_modules), "parts": list(config.parts),
+                   "gradient_accumulation_steps": accumulation,
                    "world_size": world, "bf16": bf16, "gradient_checkpointing": checkpointing, "max_length": max_length,
                    "lora_target_modules": None if config.full else lora_target_regex(model.get_base_model(), config.lora_modules)},
         "versions": _versions(),
@@ -357,6 +422,7 @@ def train(mixture: str | Path, model_id: str, out: str | Path, config: TrainConf
                  "groups": len(examples.groups), "pairs": sum(1 for o in examples.origin if o >= 0),
                  "variants_without_original": examples.orphans,
                  "by_task_kind": {k: examples.task_kind.count(k) for k in sorted(set(examples.task_kind))}},
+        "trainable_parameters": trainable,
         "steps": [{k: v for k, v in entry.items()} for entry in steps],
         "global_step": trainer.state.global_step, "seconds": seconds,
     }

