@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -112,3 +113,24 @@ def kill_after_commits(command: list[str], table_dir: Path, commits: int, timeou
 def run_to_end(command: list[str]) -> None:
     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def killed_caption_run_resumes_exactly_once(tmp_path: Path, model: str, rows: int, *options: str) -> None:
+    """Caption ``rows`` one-image rows with ``engine caption ... *options``, SIGKILL the run after its second
+    commit, start it again, and check every row ends captioned exactly once."""
+    from engine.ingest import ingest
+    from engine.ingest.cauldron import ParquetFolderSource
+    from engine.store import Store
+
+    source = [([png(12, 12, (i, 0, 0))], qa(f"question {i}", "red", "vqav2")) for i in range(rows)]
+    cauldron_parquet(tmp_path / "src" / "vqav2" / "train-00000-of-00001.parquet", source)
+    store_path = tmp_path / "store"
+    ingest(Store(store_path), ParquetFolderSource(tmp_path / "src"), progress=False)
+    command = [sys.executable, "-m", "engine.cli", "--store", str(store_path), "caption", "--model", model,
+               "--batch-size", "2", "--commit-rows", "2", "--max-new-tokens", "4", "--quiet", *options]
+    kill_after_commits(command, store_path / "captions.lance", commits=3)
+    partial = Store(store_path).table("captions").count_rows()
+    assert 0 < partial < rows
+    run_to_end(command)
+    ids = Store(store_path).arrow("captions", ["sample_id"]).column("sample_id").to_pylist()
+    assert len(ids) == rows == len(set(ids))

@@ -22,7 +22,7 @@ from engine.stages.executors.local import LocalExecutor  # noqa: E402
 from engine.stages.executors.ray import RayExecutor, RayUnavailable  # noqa: E402
 
 from click.testing import CliRunner  # noqa: E402
-from conftest import REPO, cauldron_parquet, kill_after_commits, png, qa, run_to_end  # noqa: E402
+from conftest import REPO, killed_caption_run_resumes_exactly_once  # noqa: E402
 from engine.cli import main  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test stages travel to the actors by value
@@ -157,23 +157,9 @@ def test_caption_on_ray_gives_the_local_captions(ray_cluster, small_store, tiny_
 
 @pytest.mark.slow
 def test_a_killed_ray_run_finishes_every_row_exactly_once(ray_cluster, tmp_path, tiny_vlm):
-    from engine.ingest import ingest
-    from engine.ingest.cauldron import ParquetFolderSource
-    from engine.store import Store
-
-    rows = [([png(12, 12, (i, 0, 0))], qa(f"question {i}", "red", "vqav2")) for i in range(60)]
-    cauldron_parquet(tmp_path / "src" / "vqav2" / "train-00000-of-00001.parquet", rows)
-    store_path = tmp_path / "store"
-    ingest(Store(store_path), ParquetFolderSource(tmp_path / "src"), progress=False)
-    command = [sys.executable, "-m", "engine.cli", "--store", str(store_path), "caption", "--model", tiny_vlm,
-               "--batch-size", "2", "--commit-rows", "2", "--max-new-tokens", "4", "--quiet",
-               "--executor", "ray", "--ray-address", ray_cluster, "--workers", "1"]
-    kill_after_commits(command, store_path / "captions.lance", commits=3)
-    partial = Store(store_path).table("captions").count_rows()
-    assert 0 < partial < 60
-    run_to_end(command)
-    ids = Store(store_path).arrow("captions", ["sample_id"]).column("sample_id").to_pylist()
-    assert len(ids) == 60 == len(set(ids))
+    # the killed command joins the test cluster: its actors die with it, the cluster lives on
+    killed_caption_run_resumes_exactly_once(tmp_path, tiny_vlm, 60, "--executor", "ray", "--ray-address", ray_cluster,
+                                            "--workers", "1")
 
 
 def test_the_cli_says_in_one_line_what_is_wrong(small_store):
