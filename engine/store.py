@@ -338,8 +338,11 @@ class Store:
             seen, present = {}, set()
         new = [fid for fid in fragments if fid not in seen]
         if new:
-            read = dataset.scanner(columns=list(spec.unique), fragments=[dataset.get_fragment(f) for f in new]).to_table()
-            present |= set(zip(*(read.column(c).to_pylist() for c in spec.unique)))
+            # a unique column the table gained after it was written reads as NULL in the older rows
+            stored = [c for c in spec.unique if c in dataset.schema.names]
+            read = dataset.scanner(columns=stored, fragments=[dataset.get_fragment(f) for f in new]).to_table()
+            nulls = [None] * len(read)
+            present |= set(zip(*(read.column(c).to_pylist() if c in stored else nulls for c in spec.unique)))
         self._present[path] = (fragments, present)
         if not len(rows) or not present:
             return rows
