@@ -82,7 +82,7 @@ def small_store(tmp_path):
     rows = [([good], qa(f"what color is shape {i}?", ["red", "blue", "green"][i % 3], "vqav2")) for i in range(12)]
     rows.append(([good], qa("word " * 400, "red", "vqav2")))  # longer than the 256-token context
     cauldron_parquet(tmp_path / "src" / "vqav2" / "train-00000-of-00001.parquet", rows)
-    from engine.ingest import ingest
+    from engine.stages.ingest import ingest
     from engine.ingest.cauldron import ParquetFolderSource
     from engine.store import Store
 
@@ -118,7 +118,7 @@ def run_to_end(command: list[str]) -> None:
 def killed_caption_run_resumes_exactly_once(tmp_path: Path, model: str, rows: int, *options: str) -> None:
     """Caption ``rows`` one-image rows with ``engine caption ... *options``, SIGKILL the run after its second
     commit, start it again, and check every row ends captioned exactly once."""
-    from engine.ingest import ingest
+    from engine.stages.ingest import ingest
     from engine.ingest.cauldron import ParquetFolderSource
     from engine.store import Store
 

@@ -18,6 +18,7 @@ import heapq
 import logging
 import pickle
 import socket
+import warnings
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -67,7 +68,9 @@ def connect(address: str | None = None, workers: int | None = None, **local_opti
         except ConnectionError as error:
             raise RayUnavailable(f"cannot join the Ray cluster at {address}: {error}") from None
     else:
-        ray.init(num_cpus=workers, include_dashboard=False, **quiet, **local_options)
+        with warnings.catch_warnings():  # Lance warns on any fork; the processes Ray starts run no Lance
+            warnings.filterwarnings("ignore", message="lance is not fork-safe")
+            ray.init(num_cpus=workers, include_dashboard=False, **quiet, **local_options)
     return ray
 
 
@@ -134,7 +137,7 @@ class RayExecutor:
 
     name = "ray"
 
-    start_timeout_s = 600  # how long the whole pool may take to start (a cluster may be adding nodes)
+    start_timeout_s = 1800  # how long the whole pool may take to start and set up (a cluster adding nodes, a large model)
 
     def __init__(self, workers: int | None = None, address: str | None = None):
         if workers is not None and workers < 1:
