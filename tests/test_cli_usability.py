@@ -18,7 +18,7 @@ from engine import __version__
 from engine.cli import EXAMPLES, EngineGroup, main
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("lancedb", "lance", "duckdb", "pyarrow", "polars", "torch", "transformers", "datasets", "numpy")
+HEAVY = ("lancedb", "lance", "duckdb", "pyarrow", "polars", "torch", "transformers", "datasets", "numpy", "ray")
 
 
 def python(code: str, cwd: Path = REPO) -> str:
