@@ -36,6 +36,7 @@ FEW = {"embed": 128, "caption": 32}
 def engine(store: Path, *args: str) -> float:
     """Seconds one ``engine`` command takes, start to end, in a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env.pop("RAY_ADDRESS", None)  # `ray` starts its own cluster; `ray-joined` names this benchmark's
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "engine.cli", "--store", str(store), *args, "--quiet"], env=env,
                           capture_output=True, text=True)

@@ -162,6 +162,18 @@ def test_a_killed_ray_run_finishes_every_row_exactly_once(ray_cluster, tmp_path,
                                             "--workers", "1")
 
 
+@pytest.mark.slow
+def test_without_an_address_a_command_starts_its_own_ray(ray_cluster, small_store):
+    """The default path: a local Ray of its own, even with another Ray (the test cluster) running here."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "--store", str(small_store.root), "embed", "--model",
+                           "classical", "--modality", "image", "--executor", "ray", "--workers", "1", "--quiet"],
+                          capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("13 image vectors from classical:")
+    assert ray.get_runtime_context().gcs_address == ray_cluster  # this process stayed on its cluster
+
+
 def test_the_cli_says_in_one_line_what_is_wrong(small_store):
     result = CliRunner().invoke(main, ["--store", str(small_store.root), "embed", "--model", "classical", "--modality",
                                        "image", "--executor", "ray", "--ray-address", "127.0.0.1:9"])

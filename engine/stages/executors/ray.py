@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import pickle
 import socket
 import warnings
@@ -54,9 +55,11 @@ def _check_address(address: str) -> None:
 
 
 def connect(address: str | None = None, workers: int | None = None, **local_options):
-    """Join the Ray cluster at ``address``, or start a local one with ``workers`` CPUs (default: all) when
-    there is none; a process already connected (e.g. by a test) stays on its cluster. Returns ``ray``."""
+    """Join the Ray cluster at ``address`` (default: ``$RAY_ADDRESS``, as Ray's own tools do), or start a
+    local one with ``workers`` CPUs (default: all) when there is none, even if another Ray runs on this
+    machine; a process already connected (e.g. by a test) stays on its cluster. Returns ``ray``."""
     ray = _import_ray()
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         _check_address(address)
     if ray.is_initialized():
@@ -70,7 +73,8 @@ def connect(address: str | None = None, workers: int | None = None, **local_opti
     else:
         with warnings.catch_warnings():  # Lance warns on any fork; the processes Ray starts run no Lance
             warnings.filterwarnings("ignore", message="lance is not fork-safe")
-            ray.init(num_cpus=workers, include_dashboard=False, **quiet, **local_options)
+            # "local": a new instance (ray.init() alone would join the newest one it finds on this machine)
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, **quiet, **local_options)
     return ray
 
 
