@@ -2,11 +2,13 @@
 
 The script ingests easy-vqa (PyPI, offline), builds a mixture of its train split, builds a small
 SmolVLM-architecture model from config (random weights; 64-px images, 4 image tokens, 4 decoder layers) and
-trains it three ways with `engine train --full`:
+trains it four ways with `engine train --full`:
 
 - ``lm-short``: the language model only, briefly: it reaches what the question alone allows;
-- ``lm-long``: the language model only, ten times longer (the vision tower and connector stay random);
-- ``all-long``: every part (vision tower, connector, language model), as long as ``lm-long``.
+- ``lm-long``: the language model only, four times longer (the vision tower and connector stay random);
+- ``all-long``: every part (vision tower, connector, language model), 3,000 steps;
+- ``all-warm``: every part, first on the colour and shape questions only (they cannot be answered without the
+  image), then on all, as long as ``lm-long``.
 
 On the same test questions it then runs `engine eval` (accuracy, and the causal effect of the image
 interventions RP, FB and FW on every item, plus Gaussian noise at severities 1, 3 and 5) and `engine attribute`
@@ -74,10 +76,10 @@ class Plan:
 
 
 FULL = Plan(models=(Model("all-long", "lm,connector,vision", 3000, "every part, 3,000 steps"),
-                    Model("all-warm", "lm,connector,vision", 3000, "every part, 600 steps on colour/shape questions, then "
-                          "2,400 on all", warm=600, lr=1e-3),
+                    Model("all-warm", "lm,connector,vision", 1200, "every part, 600 steps on colour/shape questions, then "
+                          "600 on all", warm=600, lr=1e-3),
                     Model("lm-short", "lm", 300, "language model only, 300 steps"),
-                    Model("lm-long", "lm", 3000, "language model only, 3,000 steps")),
+                    Model("lm-long", "lm", 1200, "language model only, 1,200 steps")),
             test_rows=4000, budget=38575, batch=32, lr=3e-3, bootstrap=50, shuffles=20)
 QUICK = Plan(models=(Model("all-long", "lm,connector,vision", 8, "every part, 8 steps"),
                      Model("all-warm", "lm,connector,vision", 8, "every part, 4 steps on colour/shape, then 4 on all", warm=4,
