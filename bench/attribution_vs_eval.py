@@ -245,24 +245,24 @@ def step_names(model: Model) -> list[str]:
 
 
 def summary(results: dict) -> str:
-    """Per model and question type: accuracy clean and under each intervention, the causal effects, and the
-    last layer's U_I, its shuffled 95th percentile, and CI."""
+    """Per model and question type: accuracy clean, under each image intervention and under the strongest
+    noise; the causal effects; and, at the layer where U_I is largest, U_I, its shuffled-pairing 95th
+    percentile, U_T and CI."""
     lines = [f"{'model':<10}{'type':<8}{'n':>6}{'acc':>7}" + "".join(f"{'acc ' + c:>8}" for c in INTERVENTIONS)
-             + f"{'acc n5':>8}" + "".join(f"{'CE ' + c:>8}" for c in INTERVENTIONS)
-             + f"{'layer':>6}{'U_I':>7}{'U_I q95':>8}{'U_T':>7}{'CI':>7}{'CI q95':>8}"]
+             + f"{'acc n' + str(SEVERITIES[-1]):>8}" + "".join(f"{'CE ' + c:>8}" for c in INTERVENTIONS)
+             + f"{'layer':>6}{'U_I':>7}{'U_I q95':>8}{'U_T':>7}{'CI':>7}"]
     for name, entry in results["models"].items():
         for kind in ("all", *QUESTION_TYPES):
             report = entry["eval"]["all"] if kind == "all" else entry["eval"]["by_type"][kind]
             interference = report["interference"]
-            last = entry["attribute"][kind]["layers"][-1]
-            shuffled = last["shuffled_mean_q95"]
+            top = max(entry["attribute"][kind]["layers"], key=lambda row: row["U_I"])
             noisy = report["corruption"].get(NOISE, {}).get(str(SEVERITIES[-1]), {}).get("accuracy")
             lines.append(f"{name:<10}{kind:<8}{report['clean']['n']:>6}{report['clean']['accuracy']:>7.1%}"
                          + "".join(f"{interference[c]['accuracy_perturbed']:>8.1%}" for c in INTERVENTIONS)
                          + (f"{noisy:>8.1%}" if noisy is not None else f"{'':>8}")
                          + "".join(f"{interference[c]['causal_effect']:>8.1%}" for c in INTERVENTIONS)
-                         + f"{last['layer']:>6}{last['U_I']:>7.3f}{shuffled['U_I'][1]:>8.3f}{last['U_T']:>7.3f}"
-                         + f"{last['CI']:>7.1%}{shuffled['CI'][1]:>8.1%}")
+                         + f"{top['layer']:>6}{top['U_I']:>7.3f}{top['shuffled_mean_q95']['U_I'][1]:>8.3f}{top['U_T']:>7.3f}"
+                         + f"{top['CI']:>7.1%}")
     return "\n".join(lines)
 
 
