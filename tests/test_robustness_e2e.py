@@ -30,7 +30,8 @@ def test_quick_run_records_every_step_and_resumes_without_redoing_any(tmp_path):
     assert all(re.fullmatch(r"[0-9a-f]{64}", m["manifest_sha256"]) for m in mixtures.values())
     assert all(m["rows"] == 400 for m in mixtures.values())
     assert mixtures["r0"]["captioned"] == 0 < mixtures["r25"]["captioned"] < mixtures["r50"]["captioned"]
-    assert mixtures["mi_gate"]["tau"] == mixtures["r25"]["captioned"] / 400 and mixtures["mi_gate"]["captioned"] > 0
+    # the gate captions at most r25's budget (fewer when fewer rows are u_v-dominant)
+    assert mixtures["mi_gate"]["tau"] == mixtures["r25"]["captioned"] / 400 and mixtures["mi_gate"]["captioned"] <= mixtures["r25"]["captioned"]
     assert mixtures["interference"]["variants"]["misleading"] > 0 and mixtures["interference"]["variants"]["unrelated_facts"] > 0
     assert mixtures["r0_blank"]["derived_from"]["mixture"] == "r0"
 
@@ -47,7 +48,8 @@ def test_quick_run_records_every_step_and_resumes_without_redoing_any(tmp_path):
     assert {train[f"interference-{m}-s0"]["config"]["method"] for m in bench.METHODS} == set(bench.METHODS)
 
     evals = results["eval"]
-    for name in ("r0-s0", "text-only-s0", "r25-s0", "r50-s0", "mi_gate-s0"):
+    assert evals["text-only-s0"]["corruption"] == {} and "FB" in evals["text-only-s0"]["interference"]
+    for name in ("r0-s0", "r25-s0", "r50-s0", "mi_gate-s0"):
         assert set(evals[name]["corruption"]) == set(bench.NOISES)
         assert all(set(cells) == {"1", "5"} for cells in evals[name]["corruption"].values())
         assert evals[name]["clean"]["n"] == evals["r0-s0"]["clean"]["n"] > 0 and "FB" in evals[name]["interference"]
@@ -67,4 +69,5 @@ def test_quick_run_records_every_step_and_resumes_without_redoing_any(tmp_path):
     assert bench.main(["--quick", "--out", str(out)]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "models").glob("*/model.safetensors")} == stamps
     again = json.loads((out / "results.json").read_text())
-    assert again["mixtures"] == mixtures and again["eval"] == evals
+    assert again["mixtures"] == mixtures
+    assert json.dumps(again["eval"], sort_keys=True) == json.dumps(evals, sort_keys=True)  # NaN-safe (undefined dP)
