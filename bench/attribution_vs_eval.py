@@ -56,8 +56,10 @@ MODEL_SIZE = dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_la
 class Model:
     name: str
     parts: str  # `engine train --train`
-    steps: int
+    steps: int  # in all, the warm start included
     what: str
+    warm: int = 0  # first this many steps on the colour and shape questions only (every part, at Plan.lr)
+    lr: float | None = None  # after the warm start (default: Plan.lr)
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,17 @@ class Plan:
     shuffles: int
 
 
-FULL = Plan(models=(Model("lm-short", "lm", 300, "language model only, 300 steps"),
-                    Model("lm-long", "lm", 3000, "language model only, 3,000 steps"),
-                    Model("all-long", "lm,connector,vision", 3000, "vision tower + connector + language model, 3,000 steps")),
+FULL = Plan(models=(Model("all-long", "lm,connector,vision", 3000, "every part, 3,000 steps"),
+                    Model("all-warm", "lm,connector,vision", 3000, "every part, 600 steps on colour/shape questions, then "
+                          "2,400 on all", warm=600, lr=1e-3),
+                    Model("lm-short", "lm", 300, "language model only, 300 steps"),
+                    Model("lm-long", "lm", 3000, "language model only, 3,000 steps")),
             test_rows=4000, budget=38575, batch=32, lr=3e-3, bootstrap=50, shuffles=20)
-QUICK = Plan(models=(Model("lm-short", "lm", 4, "language model only, 4 steps"),
-                     Model("lm-long", "lm", 8, "language model only, 8 steps"),
-                     Model("all-long", "lm,connector,vision", 8, "vision tower + connector + language model, 8 steps")),
+QUICK = Plan(models=(Model("all-long", "lm,connector,vision", 8, "every part, 8 steps"),
+                     Model("all-warm", "lm,connector,vision", 8, "every part, 4 steps on colour/shape, then 4 on all", warm=4,
+                           lr=1e-3),
+                     Model("lm-short", "lm", 4, "language model only, 4 steps"),
+                     Model("lm-long", "lm", 8, "language model only, 8 steps")),
              test_rows=120, budget=256, batch=8, lr=3e-3, bootstrap=4, shuffles=3)
 
 
@@ -107,7 +113,7 @@ def step(work: Path, name: str, run, timings: dict) -> dict:
 
 
 def build_model(folder: Path) -> Path:
-    from engine.generate import tiny
+    from engine.models import tiny
 
     tiny.SIZES.setdefault("easy-vqa", MODEL_SIZE)
     if not (folder / "config.json").exists():
@@ -129,16 +135,26 @@ def read_rows(work: Path, sql: str) -> list[dict]:
 
 
 def train(work: Path, plan: Plan, model: Model, base: Path) -> dict:
+    """`engine train --full` from ``base`` (after the warm start on the colour and shape questions, if any);
+    a killed run resumes from its last checkpoint."""
+    def run(mixture: str, start: Path, out: Path, steps: int, lr: float) -> dict:
+        if not (out / "train_manifest.json").exists():
+            resume = ["--resume"] if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) else []
+            engine(work, "train", str(work / mixture), "--model", str(start), "--method", "sft", "--full", "--train", model.parts,
+                   "--lr", str(lr), "--batch-size", str(plan.batch), "--effective-batch", str(plan.batch), "--max-steps",
+                   str(steps), "--save-steps", str(max(steps // 6, 1)), "--seed", "0", "--device", "cpu", "--out", str(out),
+                   "--quiet", *resume)
+        return json.loads((out / "train_manifest.json").read_text())
+
     out = work / "models" / model.name
-    resume = ["--resume"] if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()) else []
-    engine(work, "train", str(work / "mixture"), "--model", str(base), "--method", "sft", "--full", "--train", model.parts,
-           "--lr", str(plan.lr), "--batch-size", str(plan.batch), "--effective-batch", str(plan.batch),
-           "--max-steps", str(model.steps), "--save-steps", str(max(model.steps // 6, 1)), "--seed", "0", "--device", "cpu",
-           "--out", str(out), "--quiet", *resume)
-    manifest = json.loads((out / "train_manifest.json").read_text())
-    ce = [s["ce"] for s in manifest["steps"]]
-    return {"steps": manifest["global_step"], "parts": model.parts, "what": model.what,
-            "ce_last_50": sum(ce[-50:]) / len(ce[-50:]), "train_seconds": round(manifest["seconds"], 1)}
+    manifests = []
+    if model.warm:
+        manifests.append(run("mixture-colour-shape", base, out.with_name(f"{model.name}-warm"), model.warm, plan.lr))
+        base = out.with_name(f"{model.name}-warm")
+    manifests.append(run("mixture", base, out, model.steps - model.warm, model.lr or plan.lr))
+    ce = [s["ce"] for s in manifests[-1]["steps"]]
+    return {"steps": sum(m["global_step"] for m in manifests), "parts": model.parts, "what": model.what,
+            "ce_last_50": sum(ce[-50:]) / len(ce[-50:]), "train_seconds": round(sum(m["seconds"] for m in manifests), 1)}
 
 
 def evaluate(work: Path, plan: Plan, model: Model) -> dict:
@@ -172,7 +188,7 @@ def attribute(work: Path, plan: Plan, model: Model, question_type: str | None) -
     where = test_where(plan, question_type)
     folder = str(work / "models" / model.name)
     engine(work, "attribute", "--model", folder, "--where", where, "--bootstrap", str(plan.bootstrap),
-           "--shuffles", str(plan.shuffles), "--plot", str(work / "attribute" / f"{model.name}-{question_type or 'all'}.png"),
+           "--shuffles", str(plan.shuffles), "--plot", str(work / "attribute" / f"{model.name}-{(question_type or 'all').replace('/', '_')}.png"),
            "--quiet")
     quoted = where.replace("'", "''")
     rows = read_rows(work, f"select * from attributions where model = '{folder}' and selection = '{quoted}' and run_id = "
@@ -182,7 +198,9 @@ def attribute(work: Path, plan: Plan, model: Model, question_type: str | None) -
                         "shuffled_mean_q95": json.loads(row["baseline"])["mean_and_q95"]} for row in rows]}
 
 
-def run(work: Path, plan: Plan) -> dict:
+def run(work: Path, plan: Plan, only: list[str] | None = None) -> dict:
+    """Every step of ``plan`` not yet done (of the models named in ``only``, if given: two processes on one
+    work folder can share the models between them), then the results of every model whose steps are all done."""
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     step(work, "ingest", lambda: (engine(work, "ingest", "easy_vqa", "--split", "all", "--quiet"), {})[1], timings)
@@ -191,12 +209,21 @@ def run(work: Path, plan: Plan) -> dict:
                       f"mixture:\n  temperature: 1.0\n  budget: {plan.budget}\noutput:\n  path: {work / 'mixture'}\n"
                       f"  formats: [parquet]\n")
     step(work, "build", lambda: (engine(work, "build", str(recipe), "--quiet"), {})[1], timings)
+    # the warm start's mixture: the questions that cannot be answered without the image
+    warm = work / "recipe-colour-shape.yaml"
+    warm.write_text(recipe.read_text().replace("easy_vqa_train", "easy_vqa_colour_shape").replace(
+        str(work / "mixture"), str(work / "mixture-colour-shape")))
+    step(work, "build-colour-shape", lambda: (engine(work, "build", str(warm), "--quiet", "--set",
+                                                     f"where=split = 'train' and not ({QUESTION_TYPES['yes/no']})"), {})[1], timings)
     base = build_model(work / "models" / "base")
     results = {"plan": {"test_rows": plan.test_rows, "train_rows": plan.budget, "batch": plan.batch, "lr": plan.lr,
                         "bootstrap": plan.bootstrap, "shuffles": plan.shuffles, "model_size": MODEL_SIZE,
                         "question_types": QUESTION_TYPES},
                "models": {}}
     for model in plan.models:
+        if only and model.name not in only:
+            if not all((work / "steps" / f"{name}.json").exists() for name in step_names(model)):
+                continue
         entry = results["models"][model.name] = {}
         entry["train"] = step(work, f"train-{model.name}", lambda: train(work, plan, model, base), timings)
         entry["eval"] = step(work, f"eval-{model.name}", lambda: evaluate(work, plan, model), timings)
@@ -208,6 +235,11 @@ def run(work: Path, plan: Plan) -> dict:
     plot(results, work / "attribution_vs_eval.png")
     print(summary(results))
     return results
+
+
+def step_names(model: Model) -> list[str]:
+    return [f"train-{model.name}", f"eval-{model.name}",
+            *(f"attribute-{model.name}-{kind.replace('/', '_')}" for kind in ("all", *QUESTION_TYPES))]
 
 
 def summary(results: dict) -> str:
@@ -287,8 +319,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("runs/attribution_vs_eval"))
     parser.add_argument("--quick", action="store_true", help="a few steps on a few rows: checks the pipeline, not the finding")
+    parser.add_argument("--models", help="comma-separated: only these models' steps (default: every model)")
     args = parser.parse_args()
-    run(args.work, QUICK if args.quick else FULL)
+    plan = QUICK if args.quick else FULL
+    only = args.models.split(",") if args.models else None
+    unknown = sorted(set(only or ()) - {m.name for m in plan.models})
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; the plan has {[m.name for m in plan.models]}")
+    run(args.work, plan, only)
 
 
 if __name__ == "__main__":

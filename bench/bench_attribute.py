@@ -19,9 +19,9 @@ import numpy as np
 from engine.attribution import broja_pid
 from engine.attribution.estimate import histogram
 from engine.attribution.run import AttributeConfig, attribute
-from engine.generate import load_backend
-from engine.generate.tiny import build_tiny_smolvlm
-from engine.ingest import ingest_sample
+from engine.models.backends import load_backend
+from engine.models.tiny import build_tiny_smolvlm
+from engine.stages.ingest import ingest_sample
 from engine.store import Store
 
 

@@ -19,9 +19,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from engine.generate import caption, load_backend, validate
-from engine.generate.tiny import build_tiny_smolvlm
-from engine.ingest import ingest_sample
+from engine.models.backends import load_backend
+from engine.stages.caption import caption
+from engine.stages.validate import validate
+from engine.models.tiny import build_tiny_smolvlm
+from engine.stages.ingest import ingest_sample
 from engine.store import Store
 
 SETTINGS = {"tiny": dict(rows=1024, batch=16, new_tokens=32), "tiny-h64": dict(rows=1024, batch=16, new_tokens=32),

@@ -125,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     args = parser.parse_args()
-    from engine.ingest import ingest_sample
+    from engine.stages.ingest import ingest_sample
     from engine.recipes import build, load_recipe
     from engine.store import Store
 

@@ -39,7 +39,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     with tempfile.TemporaryDirectory() as scratch:
         store = Path(scratch) / "store"
-        subprocess.run([sys.executable, "-c", "from engine.ingest import ingest_sample; from engine.store import Store; "
+        subprocess.run([sys.executable, "-c", "from engine.stages.ingest import ingest_sample; from engine.store import Store; "
                         f"ingest_sample(Store({str(store)!r}), {str(Path(scratch) / 'sample')!r}, scale=0.1, progress=False)"],
                        env=env, check=True)
         engine = [sys.executable, "-m", "engine.cli", "--store", str(store)]

@@ -1,7 +1,7 @@
 """Training throughput of ``engine train``: samples/s and peak memory of sft / consistency / adversarial / full,
 against plain TRL ``SFTTrainer`` (LoRA on the same modules, the same rows, prompt/completion loss) as the baseline.
 
-Models are built from config (``engine.generate.tiny``): the tiny Idefics3 and one with SmolVLM-256M's layer
+Models are built from config (``engine.models.tiny``): the tiny Idefics3 and one with SmolVLM-256M's layer
 sizes (random weights, honest compute). The rows are the bundled sample built with the interference recipe, so
 a quarter of the image-heavy and text-heavy rows come with a perturbed variant. Each contender runs in its own
 process (clean peak memory); on CPU peak memory is the process's peak RSS, on GPU the peak CUDA allocation.
@@ -29,7 +29,7 @@ CONTENDERS = ("trl-sft", "sft", "consistency", "adversarial", "full")
 
 def prepare(root: Path, budget: int) -> Path:
     """The bundled sample at a tenth of its size, built with the interference recipe (budget rows)."""
-    from engine.ingest import ingest_sample
+    from engine.stages.ingest import ingest_sample
     from engine.recipes import build, load_recipe
     from engine.store import Store
 
@@ -64,7 +64,7 @@ def run_trl(mixture: Path, model: str, steps: int, batch: int, out: Path) -> dic
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTConfig, SFTTrainer
 
-    from engine.generate.backends import decode_images
+    from engine.models.backends import decode_images
     from engine.train.data import chat_messages, read_mixture
     from engine.train.trainer import LORA_MODULES, lora_target_regex
 
@@ -114,7 +114,7 @@ def main() -> None:
         worker(contender, mixture, model, int(steps), int(batch))
         return
     os.environ.setdefault("TQDM_DISABLE", "1")
-    from engine.generate.tiny import build_tiny_smolvlm
+    from engine.models.tiny import build_tiny_smolvlm
 
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     mixture = prepare(root, args.budget)

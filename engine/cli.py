@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -51,6 +52,8 @@ EXAMPLES = {
     "caption": ["engine caption --model HuggingFaceTB/SmolVLM-256M-Instruct --gate",
                 "engine caption --model Qwen/Qwen2.5-VL-32B-Instruct --tier 0.5 --backend vllm --device cuda",
                 "engine caption --model models/tiny --where \"subset = 'ai2d'\" --limit 20"],
+    "image-stats": ["engine image-stats",
+                    "engine image-stats --where \"split = 'train'\" --executor ray"],
     "validate": ["engine validate --model HuggingFaceTB/SmolVLM-256M-Instruct --where \"split = 'train'\" --limit 300",
                  "engine validate --model HuggingFaceTB/SmolVLM-256M-Instruct --corrupted --limit 300",
                  "engine validate --model HuggingFaceTB/SmolVLM-256M-Instruct --report --plot pr.png"],
@@ -76,6 +79,16 @@ class EngineGroup(click.Group):
     ``engine ingest sample --store st`` means what ``engine --store st ingest sample`` does."""
 
     group_class = type  # sub-groups are EngineGroups too
+
+    def invoke(self, ctx: click.Context):
+        """A filter the store refuses (``engine.sql.WhereError``, from any command) is one line for a person."""
+        try:
+            return super().invoke(ctx)
+        except ValueError as error:
+            sql = sys.modules.get("engine.sql")
+            if sql is not None and isinstance(error, sql.WhereError):
+                raise Fail(str(error)) from None
+            raise
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         if not any(p.name == "store_after" for p in cmd.params):
@@ -141,6 +154,41 @@ def quiet_option(help: str = "no progress bars (the engine's nor its libraries')
     return click.option("--quiet", is_flag=True, callback=_silence_libraries, help=help)
 
 
+def executor_options(command):
+    """``--executor``, ``--ray-address`` and ``--workers`` of the commands that run a stage: the command
+    receives them as one ``executor`` argument (``engine.stages.executors``). Ray is imported only when a
+    Ray run starts, never to parse the options."""
+
+    @functools.wraps(command)
+    def with_executor(*args, executor: str, ray_address: str | None, workers: int | None, **kwargs):
+        if executor == "local" and (ray_address or workers):
+            flag = "--ray-address" if ray_address else "--workers"
+            raise Fail(f"{flag} is for --executor ray (the local executor runs the stage in this process)")
+        from engine.stages.executors import executor_for
+
+        if executor == "local":
+            return command(*args, executor=executor_for("local"), **kwargs)
+        from engine.stages.executors.ray import RayUnavailable
+
+        try:
+            return command(*args, executor=executor_for("ray", address=ray_address, workers=workers), **kwargs)
+        except RayUnavailable as error:
+            raise Fail(str(error)) from None
+
+    options = [
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="where batches run: this process, or a Ray cluster (pip install -e \".[ray]\")"),
+        click.option("--ray-address", metavar="HOST:PORT",
+                     help="with --executor ray: join this running cluster (or 'auto'); default: start a local Ray"),
+        click.option("--workers", type=click.IntRange(min=1),
+                     help="with --executor ray: actors in the pool (default: one per CPU of the cluster, "
+                          "one per GPU for a stage that needs GPUs)"),
+    ]
+    for option in reversed(options):
+        with_executor = option(with_executor)
+    return with_executor
+
+
 @main.command()
 @click.argument("source")
 @click.option("--name", help="source name in sample ids (default: cauldron; easy_vqa / sample for those)")
@@ -156,8 +204,9 @@ def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, max_image_
     """Ingest SOURCE: `sample` (bundled, offline), `easy_vqa`, a Parquet/`save_to_disk` folder in the
     Cauldron schema, or a hub dataset id such as HuggingFaceM4/the_cauldron. Resumes where a killed
     run stopped."""
-    from engine.ingest import ingest as run_ingest
-    from engine.ingest import ingest_sample, resolve_source
+    from engine.ingest import resolve_source
+    from engine.stages.ingest import ingest as run_ingest
+    from engine.stages.ingest import ingest_sample
 
     store = _store(ctx, create=True)
     max_image_bytes = int(max_image_mb * (1 << 20))
@@ -198,23 +247,45 @@ def sample(out, seed):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--pca", type=int, help="then fit a PCA to this many dimensions on the train split (stored as a new model)")
 @click.option("--no-standardize", is_flag=True, help="with --pca: skip per-dimension standardisation")
+@executor_options
 @quiet_option()
 @click.pass_context
-def embed(ctx, model, modality, where, batch_size, device, pca, no_standardize, quiet):
+def embed(ctx, model, modality, where, batch_size, device, pca, no_standardize, executor, quiet):
     """Embed samples' images or texts (L2-normalised), resumable."""
-    from engine.embed import embed as run_embed
-    from engine.embed import fit_pca, load_encoder
+    from engine.models.encoders import encoder_spec, load_encoder
+    from engine.stages.embed import embed as run_embed
+    from engine.stages.embed import fit_pca
 
     store = _store(ctx)
     try:
-        encoder = load_encoder(model, device)
-        written = run_embed(store, model, modality, where, batch_size, device, not quiet, encoder)
-        click.echo(f"{written} {modality} vectors from {encoder.name}")
+        encoder = load_encoder(model, device) if executor.name == "local" else None  # Ray workers load their own
+        report = run_embed(store, model, modality, where, batch_size, device, not quiet, encoder, executor)
+        name = encoder.name if encoder else encoder_spec(model)[0]
+        click.echo(f"{report.written} {modality} vectors from {name} in {report.seconds:.1f} s (run {report.run_id})")
+        _rejects_summary(report)
         if pca:
-            name = fit_pca(store, encoder.name, modality, pca, standardize=not no_standardize)
+            name = fit_pca(store, name, modality, pca, standardize=not no_standardize)
             click.echo(f"PCA to {pca} dimensions stored as model {name!r}")
     except (FileNotFoundError, ValueError, LookupError) as error:
         raise Fail(str(error)) from None
+
+
+@main.command(name="image-stats")
+@click.option("--where", callback=_where_flag, help="SQL filter over facts (default: every sample)")
+@click.option("--batch-size", default=64, show_default=True)
+@executor_options
+@quiet_option()
+@click.pass_context
+def image_stats(ctx, where, batch_size, executor, quiet):
+    """Brightness and contrast of each sample's first image (the README's example stage), resumable."""
+    from engine.stages.base import run_stage
+    from engine.stages.image_stats import ImageStats
+
+    store = _store(ctx)
+    report = run_stage(store, ImageStats(), where, executor=executor, progress=not quiet,
+                       batch_rows=batch_size, commit_rows=512, config={"where": where})
+    click.echo(f"{report.written} images measured, {report.rejected} rejected in {report.seconds:.1f} s (run {report.run_id})")
+    _rejects_summary(report)
 
 
 @main.command()
@@ -279,9 +350,13 @@ def gate(ctx, tau, basis, where, interactions_run, adjust):
                f"(score run {plan.interactions_run}, adjust {plan.adjust}, c = {plan.adjust_constant:.4f})")
 
 
-def _backend(model: str, backend: str, device: str, adapter: str | None = None):
-    from engine.generate import load_backend
+def _backend(model: str, backend: str, device: str, adapter: str | None = None, executor: str = "local"):
+    """The model of a model-driven command: loaded here for the local executor (a model that cannot be
+    loaded fails at once), or described for each Ray worker to load."""
+    from engine.models.backends import BackendSpec, load_backend
 
+    if executor != "local":
+        return BackendSpec(model, backend, device, adapter=adapter)
     try:
         return load_backend(model, backend, device, adapter=adapter)
     except (FileNotFoundError, RuntimeError, ValueError) as error:
@@ -292,6 +367,10 @@ def _stage_summary(report, verb: str) -> None:
     click.echo(f"{report.written} rows {verb}, {report.rejected} rejected in {report.seconds:.1f} s "
                f"({report.samples_per_second:.2f} samples/s, {report.outside_share:.0%} of the time outside the model; "
                f"run {report.run_id})")
+    _rejects_summary(report)
+
+
+def _rejects_summary(report) -> None:
     for reason, count in sorted(report.reasons.items()):
         click.echo(f"  rejected: {count} x {reason}")
     if report.skipped_rejected:
@@ -313,14 +392,17 @@ MODEL_HELP = "image-text-to-text model id or folder (SmolVLM/Idefics3, Qwen2.5-V
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--max-new-tokens", default=96, show_default=True)
 @click.option("--commit-rows", default=64, show_default=True, help="commit whenever this many rows are done")
+@executor_options
 @quiet_option()
 @click.pass_context
-def caption(ctx, model, backend, device, adapter, use_gate, tier, where, limit, batch_size, max_new_tokens, commit_rows, quiet):
+def caption(ctx, model, backend, device, adapter, use_gate, tier, where, limit, batch_size, max_new_tokens, commit_rows,
+            executor, quiet):
     """Caption the chosen rows' images (greedy); resumable, each row captioned once per captioner and prompt set."""
-    from engine.generate import caption as run_caption
+    from engine.stages.caption import caption as run_caption
 
-    report = run_caption(_store(ctx), _backend(model, backend, device, adapter), where, use_gate, tier, limit, batch_size,
-                         max_new_tokens, not quiet, commit_rows=commit_rows)
+    store = _store(ctx)
+    report = run_caption(store, _backend(model, backend, device, adapter, executor.name), where, use_gate, tier, limit, batch_size,
+                         max_new_tokens, not quiet, commit_rows=commit_rows, executor=executor)
     _stage_summary(report, "captioned")
 
 
@@ -336,12 +418,14 @@ def caption(ctx, model, backend, device, adapter, use_gate, tier, where, limit, 
 @click.option("--report", is_flag=True, help="instead of scoring: precision/recall of PPL and Val_PPL against the corruption flags")
 @click.option("--plot", type=click.Path(), help="with --report: write the precision-recall plot here (PNG)")
 @click.option("--commit-rows", default=64, show_default=True, help="commit whenever this many rows are done")
+@executor_options
 @quiet_option()
 @click.pass_context
-def validate(ctx, model, backend, device, adapter, where, limit, batch_size, corrupted, report, plot, commit_rows, quiet):
+def validate(ctx, model, backend, device, adapter, where, limit, batch_size, corrupted, report, plot, commit_rows,
+             executor, quiet):
     """PPL and Val_PPL (self-validation) of each answer; resumable. --report evaluates them."""
-    from engine.generate import validate as run_validate
-    from engine.generate import validation_report
+    from engine.stages.validate import validate as run_validate
+    from engine.stages.validate import validation_report
 
     if report:
         try:
@@ -351,8 +435,9 @@ def validate(ctx, model, backend, device, adapter, where, limit, batch_size, cor
         except OSError as error:  # --plot where no file can be written (e.g. under a file)
             raise Fail(f"cannot write {plot}: {error}") from None
         return
-    result = run_validate(_store(ctx), _backend(model, backend, device, adapter), where, limit, batch_size, corrupted, not quiet,
-                          commit_rows)
+    store = _store(ctx)
+    result = run_validate(store, _backend(model, backend, device, adapter, executor.name), where, limit, batch_size, corrupted,
+                          not quiet, commit_rows, executor)
     _stage_summary(result, "scored")
 
 
@@ -363,15 +448,20 @@ def validate(ctx, model, backend, device, adapter, where, limit, batch_size, cor
 @click.option("--rewrite-model", help="rewrite free-form answers with this model instead of drawing from the subset")
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--commit-rows", default=512, show_default=True, help="commit whenever this many flags are made")
+@executor_options
 @quiet_option()
 @click.pass_context
-def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, quiet):
-    """Deterministically corrupt a fraction of answers (for experiments), keeping the originals."""
-    from engine.generate import corrupt as run_corrupt
+def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, commit_rows, executor, quiet):
+    """Deterministically corrupt a fraction of answers (for experiments), keeping the originals; a killed run
+    is continued by the same command."""
+    from engine.stages.corrupt import corrupt as run_corrupt
 
-    model = _backend(rewrite_model, backend, device) if rewrite_model else None
+    store = _store(ctx)
+    model = _backend(rewrite_model, backend, device, executor=executor.name) if rewrite_model else None
     try:
-        run_id, counts = run_corrupt(_store(ctx), fraction, where, seed, model, progress=not quiet)
+        run_id, counts = run_corrupt(store, fraction, where, seed, model, progress=not quiet, commit_rows=commit_rows,
+                                     executor=executor)
     except (LookupError, ValueError) as error:
         raise Fail(str(error)) from None
     kinds = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("rows", "corrupted"))
@@ -388,15 +478,18 @@ def corrupt(ctx, fraction, where, seed, rewrite_model, backend, device, quiet):
 @click.option("--per-option", default=2, show_default=True, help="facts to ask for about each option")
 @click.option("--limit", type=int, help="at most this many options (for trying things out)")
 @click.option("--batch-size", default=8, show_default=True)
+@executor_options
 @quiet_option()
 @click.pass_context
-def facts(ctx, model, backend, device, where, salt, per_option, limit, batch_size, quiet):
+def facts(ctx, model, backend, device, where, salt, per_option, limit, batch_size, executor, quiet):
     """Facts about the wrong options of misleading descriptions, written by a model and cached for recipes
     (perturb.facts_model); each option is asked once per model and prompt."""
-    from engine.generate.facts import write_facts
+    from engine.stages.facts import write_facts
 
     try:
-        report = write_facts(_store(ctx), _backend(model, backend, device), where, salt, per_option, limit, batch_size, not quiet)
+        store = _store(ctx)
+        report = write_facts(store, _backend(model, backend, device, executor=executor.name), where, salt, per_option, limit,
+                             batch_size, not quiet, executor)
     except ValueError as error:
         raise Fail(str(error)) from None
     click.echo(f"run {report.run_id}: facts for {report.written} of {report.options} options "

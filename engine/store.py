@@ -156,10 +156,11 @@ def partition_table_name(spec: TableSpec, key: dict) -> str:
     return f"{slug}-{hashlib.sha256(chr(0).join(values).encode()).hexdigest()[:8]}"
 
 
-def new_run_id(stage: str) -> str:
-    """A run id that sorts by start time: ``{stage}-{UTC time}-{4 hex}``."""
+def new_run_id(stage: str, tail: str | None = None) -> str:
+    """A run id that sorts by start time: ``{stage}-{UTC time}-{tail}``; the tail is 4 random hex digits
+    unless given (a resumable stage gives its configuration's digest, see ``engine.stages.base``)."""
     now = dt.datetime.now(dt.timezone.utc)
-    return f"{stage}-{now:%Y%m%dT%H%M%S%f}-{secrets.token_hex(2)}"
+    return f"{stage}-{now:%Y%m%dT%H%M%S%f}-{tail or secrets.token_hex(2)}"
 
 
 def package_versions() -> dict[str, str]:
@@ -337,8 +338,11 @@ class Store:
             seen, present = {}, set()
         new = [fid for fid in fragments if fid not in seen]
         if new:
-            read = dataset.scanner(columns=list(spec.unique), fragments=[dataset.get_fragment(f) for f in new]).to_table()
-            present |= set(zip(*(read.column(c).to_pylist() for c in spec.unique)))
+            # a unique column the table gained after it was written reads as NULL in the older rows
+            stored = [c for c in spec.unique if c in dataset.schema.names]
+            read = dataset.scanner(columns=stored, fragments=[dataset.get_fragment(f) for f in new]).to_table()
+            nulls = [None] * len(read)
+            present |= set(zip(*(read.column(c).to_pylist() if c in stored else nulls for c in spec.unique)))
         self._present[path] = (fragments, present)
         if not len(rows) or not present:
             return rows
@@ -353,7 +357,7 @@ class Store:
         variable-length list, so LanceDB's search and ANN indexes refuse it. Its rows are copied, one
         (modality, model) at a time, into that partition's table of fixed-size vectors (``append`` drops
         rows already copied, so a killed migration resumes), a transformed model's saved transform is
-        copied to where ``engine.embed`` looks for it when one fit made all its vectors, and the old
+        copied to where ``engine.stages.embed`` looks for it when one fit made all its vectors, and the old
         table is then renamed ``embeddings.lance.before-fixed-size`` (kept, never deleted). A model
         whose vectors have more than one width cannot be stored fixed-size: its rows stay in the old
         table only, and a warning names it.

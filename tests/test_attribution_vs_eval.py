@@ -27,7 +27,7 @@ def test_quick_run_trains_evaluates_attributes_and_resumes(tmp_path):
     work = tmp_path / "work"
     plan = bench.QUICK
     results = bench.run(work, plan)
-    assert list(results["models"]) == ["lm-short", "lm-long", "all-long"]
+    assert list(results["models"]) == ["all-long", "all-warm", "lm-short", "lm-long"]
     # the first 120 test questions: 85 yes/no, 16 shape, 19 colour
     counts = {"yes/no": 85, "shape": 16, "colour": 19}
     base = load_file(str(work / "models" / "base" / "model.safetensors"))

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, cauldron_parquet, png, qa
-from engine.ingest import ingest
+from engine.stages.ingest import ingest
 from engine.ingest.cauldron import ParquetFolderSource
 from engine.recipes import BuildError, build, in_tier, load_recipe
 from engine.store import Store

@@ -18,7 +18,7 @@ from engine import __version__
 from engine.cli import EXAMPLES, EngineGroup, main
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("lancedb", "lance", "duckdb", "pyarrow", "polars", "torch", "transformers", "datasets", "numpy")
+HEAVY = ("lancedb", "lance", "duckdb", "pyarrow", "polars", "torch", "transformers", "datasets", "numpy", "ray")
 
 
 def python(code: str, cwd: Path = REPO) -> str:
@@ -107,7 +107,7 @@ def test_a_shipped_recipe_builds_by_name(sample_store, tmp_path):
 def test_a_missing_extra_is_named(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "skimage", None)  # as if the classical extra were not installed
     monkeypatch.setitem(sys.modules, "skimage.feature", None)
-    from engine.ingest import ingest_sample
+    from engine.stages.ingest import ingest_sample
     from engine.store import Store
 
     ingest_sample(Store(tmp_path / "store"), tmp_path / "sample", scale=0.01, progress=False)

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine.embed import (MINILM, Encoder, embed, fit_pca, load_encoder, load_transform, load_vectors, pca_apply,
-                          transform_folder)
+from engine.models.encoders import MINILM, Encoder, load_encoder
+from engine.stages.embed import embed, fit_pca, load_transform, load_vectors, pca_apply, transform_folder
 from engine.store import Store, attach, partition_table_name
 
 
@@ -115,7 +115,7 @@ def test_minilm_through_sentence_transformers_matches_mean_pooling():
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
 
-    from engine.embed import resolve_model_path
+    from engine.models.encoders import resolve_model_path
 
     encoder = load_encoder(MINILM)
     assert isinstance(encoder.model, SentenceTransformer)

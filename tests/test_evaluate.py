@@ -152,7 +152,7 @@ class StandIn:
     def generate(self, requests, max_new_tokens=16, min_new_tokens=0):
         import numpy as np
 
-        from engine.generate.backends import Generation, PromptTooLong
+        from engine.models.backends import Generation, PromptTooLong
 
         self.calls += 1
         if self.calls == self.stop_at:

@@ -1,7 +1,6 @@
 """Model-driven columns: backends, captions, self-validation, corruption."""
 
 import math
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -10,15 +9,16 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import REPO, cauldron_parquet, kill_after_commits, png, qa, run_to_end
+from conftest import REPO, cauldron_parquet, killed_caption_run_resumes_exactly_once, png, qa
 from engine.cli import main
-from engine.generate import (Request, caption, corrupt, load_backend, perplexity, precision_recall, validate,
-                             validation_report)
-from engine.generate.backends import TransformersBackend
-from engine.generate.corrupt import offered_letters
-from engine.generate.tiny import (LLAVA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, build_tiny_llava_onevision, build_tiny_qwen2_5_vl,
+from engine.models.backends import Request, TransformersBackend, load_backend, perplexity
+from engine.stages.caption import caption
+from engine.options import offered_letters
+from engine.stages.corrupt import corrupt
+from engine.stages.validate import precision_recall, validate, validation_report
+from engine.models.tiny import (LLAVA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, build_tiny_llava_onevision, build_tiny_qwen2_5_vl,
                                  build_tiny_smolvlm)
-from engine.ingest import ingest
+from engine.stages.ingest import ingest
 from engine.ingest.cauldron import ParquetFolderSource
 from engine.recipes import RecipeError, build, load_recipe
 from engine.store import Store
@@ -165,21 +165,6 @@ def test_vllm_backend_refuses_without_cuda(tiny_vlm):
 
 # -- stages -----------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def small_store(tmp_path):
-    """Twelve vqav2 rows with class-like answers, one broken image and one overlong question."""
-    good = png(16, 16)
-    rows = [([good], qa(f"what color is shape {i}?", ["red", "blue", "green"][i % 3], "vqav2")) for i in range(12)]
-    rows.append(([good], qa("word " * 400, "red", "vqav2")))  # longer than the 256-token context
-    cauldron_parquet(tmp_path / "src" / "vqav2" / "train-00000-of-00001.parquet", rows)
-    store = Store(tmp_path / "store")
-    ingest(store, ParquetFolderSource(tmp_path / "src"), progress=False)
-    # a row whose stored image no longer decodes (ingest rejects such rows; stages must cope anyway)
-    store.append("samples", [{"sample_id": "cauldron:vqav2:train:99", "source": "cauldron", "subset": "vqav2", "split": "train",
-                              "category": "Real-world VQA", "images": [b"broken"], "turns": qa("q", "red", "vqav2")}])
-    return store
-
-
 def test_caption_writes_each_row_once_and_rejects_what_it_cannot_use(small_store, backend):
     report = caption(small_store, backend, max_new_tokens=5, batch_size=4, progress=False)
     assert (report.written, report.rejected) == (13, 1)  # the caption prompt does not include the long question
@@ -228,18 +213,7 @@ def test_caption_selection_by_tier_where_gate_and_limit(small_store, backend):
 
 
 def test_a_killed_caption_run_finishes_every_row_exactly_once(tmp_path, tiny_vlm):
-    rows = [([png(12, 12, (i, 0, 0))], qa(f"question {i}", "red", "vqav2")) for i in range(120)]
-    cauldron_parquet(tmp_path / "src" / "vqav2" / "train-00000-of-00001.parquet", rows)
-    store_path = tmp_path / "store"
-    ingest(Store(store_path), ParquetFolderSource(tmp_path / "src"), progress=False)
-    command = [sys.executable, "-m", "engine.cli", "--store", str(store_path), "caption", "--model", tiny_vlm,
-               "--batch-size", "2", "--commit-rows", "2", "--max-new-tokens", "4", "--quiet"]
-    kill_after_commits(command, store_path / "captions.lance", commits=3)
-    partial = Store(store_path).table("captions").count_rows()
-    assert 0 < partial < 120
-    run_to_end(command)
-    ids = Store(store_path).arrow("captions", ["sample_id"]).column("sample_id").to_pylist()
-    assert len(ids) == 120 == len(set(ids))
+    killed_caption_run_resumes_exactly_once(tmp_path, tiny_vlm, 120)
 
 
 def test_validate_writes_ppl_val_ppl_and_p_no(small_store, backend):
@@ -350,7 +324,7 @@ def test_cli_caption_validate_corrupt_report(small_store, tiny_vlm, tmp_path):
 # -- facts for misleading descriptions ---------------------------------------------------------------------
 
 def test_parse_facts_takes_lines_or_sentences():
-    from engine.generate.facts import parse_facts
+    from engine.stages.facts import parse_facts
 
     assert parse_facts("1. Circles are round.\n2) Wheels are circles.\n\n- A third.", 2) == ["Circles are round.", "Wheels are circles."]
     assert parse_facts("Red is warm. Stop signs are red! Roses too.", 2) == ["Red is warm.", "Stop signs are red!"]
@@ -358,7 +332,7 @@ def test_parse_facts_takes_lines_or_sentences():
 
 
 def test_model_facts_are_cached_once_and_feed_misleading_descriptions(sample_store, backend, tmp_path):
-    from engine.generate.facts import needed_options, write_facts
+    from engine.stages.facts import needed_options, write_facts
 
     options = needed_options(sample_store)
     perturb = "perturb={image_heavy: {misleading: 1.0}, facts_model: " + backend.name + "}"
@@ -390,7 +364,7 @@ def test_facts_cli_names_bad_sql_and_reports_counts(small_store, tiny_vlm):
     result = CliRunner().invoke(main, [*base, "--where", "nonsense (("])
     assert result.exit_code == 2 and "--where: unbalanced '('" in result.output and result.output.count("\n") == 1
     result = CliRunner().invoke(main, [*base, "--where", "nonsense = 1"])
-    assert result.exit_code == 2 and "invalid SQL in where" in result.output and result.output.count("\n") == 1
+    assert result.exit_code == 2 and "--where: invalid SQL: Binder Error" in result.output and result.output.count("\n") == 1
     result = CliRunner().invoke(main, [*base, "--where", "true", "--per-option", "1"])
     assert result.exit_code == 0, result.output
     assert "facts for 3 of 3 options" in result.output  # vqav2 labels red/blue/green: each row's wrong one

@@ -10,7 +10,8 @@ from PIL import Image
 
 from conftest import cauldron_parquet, kill_after_commits, png, qa, run_to_end
 from engine.images import fit_size, standardize
-from engine.ingest import ingest, resolve_source
+from engine.ingest import resolve_source
+from engine.stages.ingest import ingest
 from engine.ingest.cauldron import ParquetFolderSource
 from engine.ingest.easyvqa import EasyVQASource
 from engine.store import Store

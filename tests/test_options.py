@@ -3,7 +3,6 @@
 import pytest
 
 from engine.evaluate.metrics import first_letter, is_correct
-from engine.generate.corrupt import offered_letters as corrupt_letters
 from engine.options import alternatives, offered_letters, other_answers, question_options, reply_letter
 from engine.perturb.variants import question_options as variant_options
 from engine.perturb.variants import wrong_option
@@ -26,7 +25,7 @@ def test_offered_options(question, options):
     assert question_options(question) == options
     assert offered_letters(question) == list(options)
     # every stage reads a question the same way
-    assert corrupt_letters(question) == list(options) and variant_options(question) == options
+    assert variant_options(question) == options
 
 
 @pytest.mark.parametrize("reply, letter", [
@@ -55,7 +54,7 @@ def test_alternatives_prefer_options_then_labels_then_answers():
 
 
 def test_misleading_description_and_corruption_agree_on_the_same_question(tmp_path):
-    from engine.generate.corrupt import corrupt
+    from engine.stages.corrupt import corrupt
     from engine.store import Store
 
     question = "Which animal?\nA.cat\nB.dog"
@@ -69,7 +68,7 @@ def test_misleading_description_and_corruption_agree_on_the_same_question(tmp_pa
 
 
 def test_a_pool_swap_never_picks_the_same_answer_in_other_case(tmp_path):
-    from engine.generate.corrupt import corrupt
+    from engine.stages.corrupt import corrupt
     from engine.store import Store
 
     store = Store(tmp_path / "store")

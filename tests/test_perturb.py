@@ -115,7 +115,7 @@ def test_fidelity_rule_retries_then_drops():
 
 
 def test_fidelity_rule_with_minilm():
-    from engine.embed import MINILM, load_encoder
+    from engine.models.encoders import MINILM, load_encoder
 
     result = corrupt_texts(["what color is the shape in the picture?"] * 4, "insert", 5, seed=0, encoder=load_encoder(MINILM))
     assert all(t is not None and t != "what color is the shape in the picture?" for t in result.texts)

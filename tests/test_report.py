@@ -29,7 +29,7 @@ TERMS = ("r", "u_v", "u_t", "s")
 def add_facts(store) -> None:
     """Interactions, a gate run, corruption flags (the real `corrupt` stage), validation scores that rank
     clean rows lower, and a per-layer attributions table, for every sample of the store."""
-    from engine.generate import corrupt
+    from engine.stages.corrupt import corrupt
 
     con, _ = store.connect()
     ids = [r[0] for r in con.execute("select sample_id from samples order by sample_id").fetchall()]

@@ -30,7 +30,7 @@ def old_store(root) -> tuple[Store, dict[tuple[str, str], dict[str, list[float]]
 
 
 def test_an_old_store_opens_on_the_fixed_size_layout(tmp_path):
-    from engine.embed import load_transform, load_vectors
+    from engine.stages.embed import load_transform, load_vectors
 
     root = tmp_path / "store"
     _, vectors = old_store(root)

@@ -303,7 +303,7 @@ def test_every_method_trains_on_each_architecture(architecture, models, mixture,
 
 
 def test_full_fine_tuning_freezes_the_vision_side(smol):
-    from engine.generate.tiny import build_tiny_smolvlm  # noqa: F401 - the smol fixture's model
+    from engine.models.tiny import build_tiny_smolvlm  # noqa: F401 - the smol fixture's model
 
     model, _ = smol
     import copy

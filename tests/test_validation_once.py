@@ -4,13 +4,13 @@ answer it was), and `validate --report` pairs each corruption flag with the scor
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 
 from click.testing import CliRunner
 
 from engine.cli import main
-from engine.generate import load_backend, validate
+from engine.models.backends import load_backend
+from engine.stages.validate import ValidateStage, validate
 from engine.store import Store
 
 WHERE = "source = 'sample' and subset = 'bar_charts' and split = 'train' and \"row\" < 20"
@@ -35,7 +35,7 @@ def test_two_validate_runs_at_once_write_each_score_once(sample_store, tiny_vlm,
     first = validate(sample_store, backend, where=WHERE, limit=6, progress=False)
     assert first.written == 6
     # the second run started before the first committed: it believes nothing is scored yet
-    monkeypatch.setattr(sys.modules[validate.__module__], "scored_answers", lambda store, model: set())
+    monkeypatch.setattr(ValidateStage, "done_filter", lambda self: "false")
     validate(sample_store, backend, where=WHERE, limit=6, progress=False)
     keys = Counter((r["sample_id"], r["model"], r["answer_run"]) for r in sample_store.arrow("validation").to_pylist())
     assert len(keys) == 6 and set(keys.values()) == {1}

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from engine.generate.backends import Request, TransformersBackend
+from engine.models.backends import Request, TransformersBackend
 
 
 def language_model(model):

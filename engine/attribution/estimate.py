@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.attribution.pid import PIDTerms, broja_pid
-from engine.embed import pca_fit, pca_apply
+from engine.stages.embed import pca_fit, pca_apply
 
 TERMS = ("R", "U_I", "U_T", "S")
 # Resampled and shuffled joints only draw intervals, whose width (hundredths of a bit at thousands of samples) is

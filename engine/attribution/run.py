@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from engine.attribution.capture import capture, default_layers, layer_count
 from engine.attribution.estimate import TERMS, attribute_labels, discretise
-from engine.generate.backends import PromptTooLong, Request, TransformersBackend, decode_images
-from engine.generate.stage import select_rows, selection_sql
+from engine.models.backends import Request, TransformersBackend, run_fitting
+from engine.stages.base import Stage, decode_each, read_ahead, select, undecodable
 from engine.store import Store, new_run_id
 
 
@@ -76,30 +76,45 @@ class _ItemSelection:
 
     def batches(self, size: int):
         for start in range(0, len(self.items), size):
-            batch = []
-            for item in self.items[start : start + size]:
-                row = {k: item[k] for k in ("sample_id", "subset", "question")}
-                try:
-                    batch.append((row, decode_images(item["images"] or []), None))
-                except Exception as error:  # PIL raises many types for a broken image
-                    batch.append((row, None, error))
-            yield batch
+            rows = [{k: item[k] for k in ("sample_id", "subset", "question", "images")} for item in self.items[start : start + size]]
+            yield list(decode_each(rows))
 
 
-def select(store: Store, where: str | None, dataset: str | None, limit: int | None):
+class _Rows(Stage):
+    """The store rows attribution reads (it writes per layer, not per sample: nothing to skip)."""
+
+    name, table, reads = "attribute", "", ("images",)
+
+    def candidates(self, con, condition: str) -> str:
+        return (f"select f.sample_id, p.pos, f.subset, f.turns[1].user as question "
+                f"from facts f join sample_positions p using (sample_id) where {condition}")
+
+
+class _StoreSelection:
+    """Store rows chosen in DuckDB; their images are read by position, batch by batch, ahead of use."""
+
+    def __init__(self, rows: pa.Table, reader):
+        self.rows, self.reader = rows, reader
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def chunk(self, start: int, size: int) -> "_StoreSelection":
+        return _StoreSelection(self.rows.slice(start, size), self.reader)
+
+    def batches(self, size: int):
+        for batch in read_ahead(self.rows, self.reader, size):
+            yield list(decode_each(batch.drop_columns(["pos"]).to_pylist()))
+
+
+def select_rows(store: Store, where: str | None, dataset: str | None, limit: int | None):
     """The rows to attribute: a SQL filter over ``facts`` (every sample by default) or a dataset on disk."""
     if dataset:
         from engine.evaluate.run import load_items
 
         return _ItemSelection(load_items(dataset=dataset, limit=limit))
-    import duckdb
-
-    try:
-        selection = select_rows(store, selection_sql(where), set(), limit)
-    except duckdb.Error as error:
-        raise ValueError(f"--where {where!r}: {str(error).splitlines()[0]}") from None
-    selection.chunk = lambda start, size: type(selection)(selection.rows.slice(start, size), selection.dataset)
-    return selection
+    rows, reader, _, _ = select(store, _Rows(), where, limit=limit)
+    return _StoreSelection(rows, reader)
 
 
 def _cache_folder(store: Store, backend: TransformersBackend, adapter: str | None, layers: list[int], pool: str,
@@ -130,21 +145,18 @@ def _capture_chunk(store: Store, backend: TransformersBackend, chunk, layers: li
         good = []
         for row, images, error in batch:
             if error is not None:
-                reject(row, f"image cannot be decoded ({type(error).__name__})")
+                reject(row, undecodable(error))
             elif not images:
                 reject(row, "no image: attribution needs the image present")
             else:
                 good.append((row, images))
-        while good:
-            requests = [Request(images, row["question"]) for row, images in good]
-            try:
-                out = capture(backend, requests, [row["question"] for row, _ in good], layers, pool)
-                break
-            except PromptTooLong as error:
-                for index in sorted(error.rows, reverse=True):
-                    reject(good[index][0], f"prompt needs {error.rows[index]} tokens, more than the model context of {error.context}")
-                    del good[index]
-        else:
+        requests = [Request(images, row["question"]) for row, images in good]
+        out, kept, too_long = run_fitting(
+            lambda fit: capture(backend, fit, [r.text for r in fit], layers, pool), requests)
+        for index, reason in too_long.items():
+            reject(good[index][0], reason)
+        good = [good[index] for index in kept]
+        if not good:
             continue
         usable = ~np.isnan(out["image"]).any(1)
         for (row, _), ok in zip(good, usable):
@@ -176,7 +188,7 @@ def attribute(store: Store, backend: TransformersBackend, where: str | None = No
     started = dt.datetime.now(dt.timezone.utc)
     clock = time.perf_counter()
     report = AttributeReport(run_id=new_run_id("attribute"), rows=[])
-    selection = select(store, where, dataset, limit)
+    selection = select_rows(store, where, dataset, limit)
     if len(selection) < config.clusters:
         raise ValueError(f"attribution needs more rows than --clusters ({config.clusters}); the selection has {len(selection)}")
     ids = selection.rows.column("sample_id").to_pylist()
@@ -332,7 +344,7 @@ def load_attribution_backend(model: str, adapter: str | None = None, device: str
     ``load_backend``'s own ``adapter`` argument where it has one, else with ``peft.PeftModel`` here."""
     import inspect
 
-    from engine.generate.backends import load_backend
+    from engine.models.backends import load_backend
 
     if adapter and not Path(adapter).is_dir():
         raise FileNotFoundError(f"adapter {adapter!r} is not a folder")

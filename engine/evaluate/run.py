@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from engine.evaluate.metrics import causal_effect, consistency, delta_p, diagnose, is_correct
-from engine.generate.backends import Backend, PromptTooLong, Request, decode_images
-from engine.generate.corrupt import offered_letters
+from engine.models.backends import Backend, Request, decode_images, run_fitting
+from engine.options import offered_letters
+from engine.stages.base import check_where, undecodable
 from engine.hashing import hash_u64
 from engine.perturb.image import CORRUPTIONS as IMAGE_CORRUPTIONS
 from engine.perturb.image import corrupt_images
@@ -200,6 +201,7 @@ def load_items(store=None, where: str | None = None, dataset: str | None = None,
 
     con, _ = store.connect()
     try:
+        check_where(con, where)
         items = con.sql(
             f"""select sample_id, images, turns[1].user as question, turns[1].assistant as answer, task_kind, subset, label,
             source, split from facts where {where or "split = 'test'"} order by sample_id {f"limit {int(limit)}" if limit else ""}"""
@@ -283,21 +285,15 @@ def _predict(backend: Backend, batch: list[dict], config: EvalConfig) -> list[tu
         try:
             images = decode_images(item["images"])
         except Exception as error:  # PIL raises many types for a broken image
-            results[position] = (None, f"image cannot be decoded ({type(error).__name__})")
+            results[position] = (None, undecodable(error))
             continue
         positions.append(position)
         requests.append(Request(images, (item["question"] + " " + config.prompt_suffix).strip()))
-    generations = []
-    while requests:
-        try:
-            generations = backend.generate(requests, config.max_new_tokens)
-            break
-        except PromptTooLong as error:  # reject the prompts that do not fit, run the rest
-            for index in sorted(error.rows, reverse=True):
-                results[positions[index]] = (None, f"prompt needs {error.rows[index]} tokens, more than the model context of {error.context}")
-                del positions[index], requests[index]
-    for position, generation in zip(positions, generations):
-        results[position] = (generation.text, None)
+    generations, kept, too_long = run_fitting(lambda fit: backend.generate(fit, config.max_new_tokens), requests)
+    for index, reason in too_long.items():  # rejected: the prompts that do not fit; the rest ran
+        results[positions[index]] = (None, reason)
+    for index, generation in zip(kept, generations):
+        results[positions[index]] = (generation.text, None)
     return results
 
 
@@ -438,7 +434,7 @@ def evaluate(backend: Backend, items: list[dict], out: str | Path, config: EvalC
     conditions = list(_conditions(config))
     todo = [c for c in conditions if "*" not in complete and c not in complete]
     if any(kind == "corruption" and name in TEXT_CORRUPTIONS for kind, name, _, _ in todo) and encoder is None:
-        from engine.embed import MINILM, load_encoder
+        from engine.models.encoders import MINILM, load_encoder
 
         encoder = load_encoder(MINILM)
     labels: dict[str, set] = {}

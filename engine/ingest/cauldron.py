@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.ingest.base import RawRow, Source
+from engine.ingest.source import RawRow, Source
 
 READ_BATCH = 64
 

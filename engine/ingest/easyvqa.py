@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator
 from functools import cache
 
-from engine.ingest.base import RawRow, Source
+from engine.ingest.source import RawRow, Source
 
 SPLITS = ("train", "test")
 CAPTIONER = "easy-vqa-annotations"

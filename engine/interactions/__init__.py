@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
-from engine.embed import load_vectors
+from engine.stages.embed import load_vectors
 from engine.interactions.estimator import LSMIConfig, LSMIResult, estimate
 from engine.interactions.mi_gate import ADJUSTMENTS, GatePlan, decide, resolve_run, rus_figures
 from engine.interactions.pid import decompose, exact_pid
 from engine.hashing import hash_u64
 from engine.sql import sql_literal
+from engine.stages.base import WholeStage, check_where, write_run
 from engine.store import Store, new_run_id
 
 __all__ = ["GatePlan", "LSMIConfig", "LSMIResult", "assign_folds", "decompose", "estimate", "exact_pid", "gate", "score"]
@@ -48,8 +49,9 @@ def score(store: Store, image_model: str, text_model: str, where: str | None = N
     if adjust not in ADJUSTMENTS:
         raise ValueError(f"adjust must be one of {ADJUSTMENTS}, got {adjust!r}")
     config = config or LSMIConfig()
-    run_id, started = new_run_id("score"), dt.datetime.now(dt.timezone.utc)
+    run_id, started, clock = new_run_id("score"), dt.datetime.now(dt.timezone.utc), time.perf_counter()
     con, versions = store.connect()
+    check_where(con, where)
     rows = con.execute(
         f"select sample_id, label, split from facts where label is not null and ({where or 'true'}) order by sample_id"
     ).fetchall()
@@ -66,13 +68,12 @@ def score(store: Store, image_model: str, text_model: str, where: str | None = N
     folds = assign_folds(common, [info[i][1] for i in common])
     result = estimate(x_v, x_t, labels, folds, config, progress)
     result.info["rus"] = rus_figures(result.pointwise, folds)
-    table = {"sample_id": common, "run_id": [run_id] * len(common), "fold": folds.tolist(),
+    table = {"sample_id": common, "fold": folds.tolist(),
              **{name: result.pointwise[name] for name in ("r", "u_v", "u_t", "s", "i_v", "i_t", "i_vt", "h_v", "h_t")},
              "dominant": result.dominant.tolist()}
-    store.append("interactions", pa.table(table))
     config_record = {"image_model": image_model, "text_model": text_model, "where": where, "units": "nats", "adjust": adjust,
                      "prior": "label frequency in the train fold", "store_versions": versions, **result.info}
-    store.record_run(run_id, "score", config_record, started, len(common))
+    write_run(store, WholeStage("score", "interactions", config_record), pa.table(table), run_id, started, clock)
     return run_id, result
 
 
@@ -84,27 +85,26 @@ def gate(store: Store, tau, basis: str = "dataset", where: str | None = GATE_WHE
     """The MI gate (Algorithm 2, see ``engine.interactions.mi_gate``) over the samples of one score run that
     match ``where`` (default: the train split, the rows a mixture is built from). Writes the ``gate``
     table and returns the gate run id and its plan (N, |S_valid|, k, the score run, the adjustment)."""
+    started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     con, versions = store.connect()
     try:
+        check_where(con, where)
         population = f"select sample_id from facts where ({where or 'true'})"
         # the population is the chosen run's samples that match `where`: resolve the run first
         run, _ = resolve_run(con, interactions_run)
-        try:
-            plan = decide(con, f"select sample_id from interactions where run_id = {sql_literal(run)} and sample_id in ({population})",
-                          tau, basis, run, adjust)
-        except duckdb.Error as error:
-            raise ValueError(f"where: invalid SQL over facts: {str(error).splitlines()[0]}") from None
+        plan = decide(con, f"select sample_id from interactions where run_id = {sql_literal(run)} and sample_id in ({population})",
+                      tau, basis, run, adjust)
         if not plan.rows:
             raise LookupError(f"no sample of score run {run} matches {where!r}")
         decision = con.sql("select * from gate_decision order by sample_id").to_arrow_table()
     finally:
         con.close()
-    run_id, started = new_run_id("gate"), dt.datetime.now(dt.timezone.utc)
-    store.append("gate", pa.table({
-        "sample_id": decision.column("sample_id"), "run_id": [run_id] * len(decision),
+    run_id = new_run_id("gate")
+    rows = pa.table({
+        "sample_id": decision.column("sample_id"),
         "gate_interactions_run": [run] * len(decision), "gate_valid": decision.column("gate_valid"),
         "gate_rank": decision.column("gate_rank").cast(pa.int64()), "gate_selected": decision.column("gate_selected"),
-    }))
-    store.record_run(run_id, "gate", {"tau": tau, "basis": basis, "where": where, "store_versions": versions,
-                                      **plan.record()}, started, len(decision))
+    })
+    config = {"tau": tau, "basis": basis, "where": where, "store_versions": versions, **plan.record()}
+    write_run(store, WholeStage("gate", "gate", config), rows, run_id, started, clock)
     return run_id, plan

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.embed import ClassicalImageEncoder, EmbeddingCache, load_encoder, pca_apply, pca_fit
+from engine.models.encoders import ClassicalImageEncoder, EmbeddingCache, load_encoder
+from engine.stages.embed import pca_apply, pca_fit
 from engine.ingest import easyvqa
 from engine.ingest.sample import WORDS
 from engine.interactions import assign_folds

@@ -274,7 +274,7 @@ def validation_section(con, counts: dict[str, int], canvas: Canvas) -> Section |
     "score below a percentile => clean" for both (``engine validate --report``'s computation)."""
     if not counts.get("validation"):
         return None
-    from engine.generate.validate import score_curves
+    from engine.stages.validate import score_curves
 
     section = Section("validation", "Validation",
                       "PPL: perplexity of the answer given image and question. Val_PPL: perplexity of the model saying "

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from engine.generate.backends import decode_images
+from engine.models.backends import decode_images
 
 TASK_KINDS = ("vqa", "image_heavy", "text_heavy")
 COLUMNS = ("images", "texts", "sample_id", "task_kind", "origin_id", "perturbation")

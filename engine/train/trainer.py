@@ -331,7 +331,7 @@ def _versions() -> dict:
 
 def load_model(model_id: str, device: str, dtype: str, processor=None):
     """The model and processor through the generation backend's loader (one-line errors)."""
-    from engine.generate.backends import TransformersBackend
+    from engine.models.backends import TransformersBackend
 
     try:
         backend = TransformersBackend(model_id, "cpu", dtype, processor=processor)

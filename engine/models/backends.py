@@ -65,6 +65,31 @@ class Backend(ABC):
     def context_length(self) -> int: ...
 
 
+def too_long_reason(tokens: int, context: int) -> str:
+    """The one wording of a prompt that does not fit the model (a reject reason, or a row's status)."""
+    return f"prompt needs {tokens} tokens, more than the model context of {context}"
+
+
+def run_fitting(call, items: list) -> tuple[list, list[int], dict[int, str]]:
+    """The one rule for prompts longer than a model's context: run ``call(items)``; when it raises
+    ``PromptTooLong``, leave those items out and run the rest again.
+
+    Returns
+    -------
+    ``call``'s results for the items that fit, their indices in ``items``, and ``{index: reason}`` for those
+    left out (``too_long_reason``).
+    """
+    kept, dropped = list(range(len(items))), {}
+    while kept:
+        try:
+            return call([items[i] for i in kept]), kept, dropped
+        except PromptTooLong as error:
+            for index in sorted(error.rows, reverse=True):
+                dropped[kept[index]] = too_long_reason(error.rows[index], error.context)
+                del kept[index]
+    return [], kept, dropped
+
+
 def decode_images(images: list[bytes]) -> list[Image.Image]:
     """Decode encoded images (raises on a broken one, for the caller to reject the row)."""
     return [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
@@ -294,6 +319,27 @@ def load_backend(model: str, backend: str = "transformers", device: str = "cpu",
     if backend != "transformers":
         raise ValueError(f"unknown backend {backend!r}; choose transformers or vllm")
     return TransformersBackend(model, device, dtype, adapter=adapter)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What ``load_backend`` needs, as a small picklable value: a stage carries it to its workers and loads
+    the backend in ``setup()``. ``name`` is the name the model's rows are recorded under, known without
+    loading the model."""
+
+    model: str
+    backend: str = "transformers"
+    device: str = "cpu"
+    dtype: str = "auto"
+    adapter: str | None = None
+
+    @property
+    def name(self) -> str:
+        name = model_identity(self.model)
+        return f"{name}+{model_identity(self.adapter)}" if self.adapter else name
+
+    def load(self) -> Backend:
+        return load_backend(self.model, self.backend, self.device, self.dtype, self.adapter)
 
 
 def perplexity(log_probs: list[float]) -> float:

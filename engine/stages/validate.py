@@ -8,14 +8,66 @@ import math
 
 import numpy as np
 
-from engine.generate.backends import Backend, PromptTooLong, Request, perplexity
-from engine.generate.stage import StageReport, prompts, run_stage, select_rows, selection_sql
+from engine.models.backends import Backend, BackendSpec, PromptTooLong, Request, perplexity
 from engine.sql import sql_literal
+from engine.stages.base import StageReport, prompts, run_stage
+from engine.stages.model import ModelStage
 from engine.store import Store
 
 
-def validate(store: Store, backend: Backend, where: str | None = None, limit: int | None = None,
-             batch_size: int = 8, corrupted: bool = False, progress: bool = True, commit_rows: int = 64) -> StageReport:
+class ValidateStage(ModelStage):
+    """PPL of each row's first answer and Val_PPL of the self-check, in one forward pass."""
+
+    name = "validate"
+    table = "validation"
+    key = ("sample_id", "answer_run")
+
+    def __init__(self, backend: Backend | BackendSpec, batch_rows: int = 8, corrupted: bool = False):
+        super().__init__(backend, batch_rows)
+        self.template, self.corrupted = prompts()["validation"], corrupted
+
+    def candidates(self, con, condition: str) -> str:
+        flagged = "coalesce(corrupted, false)"
+        if self.corrupted:  # a row flagged by the newest corruption run carries its replaced answer
+            answer = f"case when {flagged} then replaced else turns[1].assistant end"
+            answer_run = f"case when {flagged} then corruption_run else 'original' end"
+        else:
+            answer, answer_run = "turns[1].assistant", "'original'"
+        return f"""select f.sample_id, p.pos, f.subset, f.turns[1].user as question, {answer} as answer,
+            {answer_run} as answer_run from facts f join sample_positions p using (sample_id) where {condition}"""
+
+    def done_filter(self) -> str:
+        return f"model = {sql_literal(self.model_name)}"
+
+    def order(self) -> str:
+        return "sample_id"
+
+    def config(self) -> dict:
+        return {"model": self.model_name, "template_id": self.template["id"], "batch_size": self.batch_rows,
+                "corrupted_answers": self.corrupted}
+
+    def request(self, row: dict, images: list) -> Request:
+        return Request(images, row["question"])
+
+    def compute(self, rows: list[dict], requests: list[Request]) -> list[dict]:
+        asked = [Request(r.images, self.template["template"].format(question=row["question"], answer=row["answer"]))
+                 for row, r in zip(rows, requests)]
+        # both scores in one forward pass: the answer after its question, then "No" after the self-check
+        try:
+            scores = self.backend.score(requests + asked, [row["answer"] for row in rows] + [self.template["target"]] * len(rows))
+        except PromptTooLong as error:  # report the batch rows, not the positions in the doubled batch
+            too_long: dict[int, int] = {}
+            for index, tokens in error.rows.items():
+                too_long[index % len(rows)] = max(tokens, too_long.get(index % len(rows), 0))
+            raise PromptTooLong(too_long, error.context) from None
+        answers, verdicts = scores[: len(rows)], scores[len(rows) :]
+        return [{"sample_id": row["sample_id"], "model": self.model_name, "ppl": perplexity(a), "val_ppl": perplexity(v),
+                 "p_no": math.exp(v[0]), "answer_run": row["answer_run"]} for row, a, v in zip(rows, answers, verdicts)]
+
+
+def validate(store: Store, backend: Backend | BackendSpec, where: str | None = None, limit: int | None = None,
+             batch_size: int = 8, corrupted: bool = False, progress: bool = True, commit_rows: int = 64,
+             executor=None) -> StageReport:
     """PPL of each row's first answer given image and question, and Val_PPL: the perplexity of the model
     answering the template's target ("No") when asked whether that answer is wrong. With ``corrupted``,
     rows flagged by the newest corruption run are scored with their corrupted answer (the split as an
@@ -24,39 +76,10 @@ def validate(store: Store, backend: Backend, where: str | None = None, limit: in
     Each score records the answer it was given (``answer_run``: ``'original'`` or the corrupt run), and a
     row counts as done only when this model has scored the answer it would be given now: after a new
     corruption run, or when switching between original and corrupted answers, the changed rows are scored
-    again (appended; the older scores stay, each labelled with its answer)."""
-    template = prompts()["validation"]
-    done = scored_answers(store, backend.name)
-    rows = select_rows(store, selection_sql(where), done, limit, corrupted)
-
-    def process(batch: list[dict], requests: list[Request]) -> list[dict]:
-        asked = [Request(r.images, template["template"].format(question=row["question"], answer=row["answer"]))
-                 for row, r in zip(batch, requests)]
-        # both scores in one forward pass: the answer after its question, then "No" after the self-check
-        try:
-            scores = backend.score(requests + asked, [row["answer"] for row in batch] + [template["target"]] * len(batch))
-        except PromptTooLong as error:  # report the batch rows, not the positions in the doubled batch
-            rows: dict[int, int] = {}
-            for index, tokens in error.rows.items():
-                rows[index % len(batch)] = max(tokens, rows.get(index % len(batch), 0))
-            raise PromptTooLong(rows, error.context) from None
-        answers, verdicts = scores[: len(batch)], scores[len(batch) :]
-        return [{"sample_id": row["sample_id"], "model": backend.name, "ppl": perplexity(a), "val_ppl": perplexity(v),
-                 "p_no": math.exp(v[0]), "answer_run": row["answer_run"]} for row, a, v in zip(batch, answers, verdicts)]
-
-    config = {"model": backend.name, "template_id": template["id"], "where": where, "limit": limit,
-              "batch_size": batch_size, "corrupted_answers": corrupted}
-    return run_stage(store, backend, "validate", "validation", rows,
-                     lambda row, images: Request(images, row["question"]), process, batch_size, config, progress, commit_rows)
-
-
-def scored_answers(store: Store, model: str) -> set[tuple[str, str]]:
-    """The (sample_id, answer_run) pairs ``model`` has scored (scores from before answers were recorded have
-    none, so they count as scored on an unknown answer)."""
-    con, _ = store.connect()
-    rows = con.execute("select distinct sample_id, answer_run from validation where model = ? and answer_run is not null",
-                       [model]).fetchall()
-    return {(sample_id, answer_run) for sample_id, answer_run in rows}
+    again (appended; the older scores stay, each labelled with its answer). Scores from before answers
+    were recorded (``answer_run`` NULL) count as done for no answer."""
+    stage = ValidateStage(backend, batch_size, corrupted)
+    return run_stage(store, stage, where, None, limit, executor, progress, commit_rows, config={"where": where})
 
 
 def precision_recall(scores: np.ndarray, clean: np.ndarray, percentiles=range(1, 101)) -> dict[str, np.ndarray]:
