@@ -174,10 +174,8 @@ class Bench:
     def base_model(self) -> Path:
         folder = self.out / "models" / "base"
         if not (folder / "config.json").exists():
-            try:
-                from engine.models.tiny import SIZES, build_tiny_smolvlm
-            except ImportError:
-                from engine.models.tiny import SIZES, build_tiny_smolvlm
+            from engine.models.tiny import SIZES, build_tiny_smolvlm
+
             SIZES.setdefault("bench-64px", MODEL_SIZE)
             build_tiny_smolvlm(folder.with_suffix(".partial"), size="bench-64px")
             folder.with_suffix(".partial").rename(folder)
