@@ -21,6 +21,7 @@ every seed is fixed. Results go to OUT/results.json; the full run also writes th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -58,13 +59,19 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+class Missing(LookupError):
+    """An output that --assemble does not find."""
+
+
 class Bench:
     def __init__(self, out: Path, settings: dict, quick: bool, part: str = "all"):
         self.out, self.s, self.quick, self.part = out, settings, quick, part
         self.only: set[str] | None = None  # with --only: the redundancy models this process trains
+        self.assemble = False  # with --assemble: train and evaluate nothing, collect what exists
         self.store = out / "store"
         self.results_path = out / ("results.json" if part == "all" else f"results-{part}.json")
-        self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+        # rebuilt on every run: skipped steps re-read their outputs (mixture manifests, train manifests, reports)
+        self.results = {}
         self.results.update({"quick": quick, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
                              "model_size": MODEL_SIZE})
 
@@ -167,10 +174,8 @@ class Bench:
     def base_model(self) -> Path:
         folder = self.out / "models" / "base"
         if not (folder / "config.json").exists():
-            try:
-                from engine.models.tiny import SIZES, build_tiny_smolvlm
-            except ImportError:
-                from engine.models.tiny import SIZES, build_tiny_smolvlm
+            from engine.models.tiny import SIZES, build_tiny_smolvlm
+
             SIZES.setdefault("bench-64px", MODEL_SIZE)
             build_tiny_smolvlm(folder.with_suffix(".partial"), size="bench-64px")
             folder.with_suffix(".partial").rename(folder)
@@ -179,6 +184,8 @@ class Bench:
     def train(self, name: str, mixture: str, model: Path, steps: int, lr: float, seed: int, method: str = "sft",
               parts: str = "lm,connector,vision") -> Path:
         out = self.out / "models" / name
+        if self.assemble and not (out / "train_manifest.json").exists():
+            raise Missing(f"model {name}")
         if not (out / "train_manifest.json").exists():
             resume = ["--resume"] if any((out / "checkpoints").glob("checkpoint-*")) else []
             self.engine("train", str(self.mixture(mixture)), "--model", str(model), "--method", method, "--full",
@@ -198,6 +205,8 @@ class Bench:
     # -- evaluation ------------------------------------------------------------------------------------
     def evaluate(self, name: str, model: Path, where: str, corruptions: str, interference: str, on: str) -> dict:
         out = self.out / "eval" / name
+        if self.assemble and not (out / "report.json").exists():
+            raise Missing(f"eval {name}")
         if not (out / "report.json").exists():
             self.engine("eval", "--model", str(model), "--where", where, "--corruptions", corruptions,
                         "--severities", self.s["severities"], "--seeds", "0", "--interference", interference,
@@ -219,33 +228,50 @@ class Bench:
         base = self.base_model()
         s = self.s
         first = s["seeds"][0]
+        holdout = f"split = 'train' and subset = 'word_math' and hash(sample_id) % {s['word_math_holdout']} = 0"
         for seed in s["seeds"]:
-            warm = self.train(f"warm-s{seed}", "warm", base, s["warm_steps"], s["warm_lr"], seed)
-            r0 = self.train(f"r0-s{seed}", "r0", warm, s["steps"], s["lr"], seed)
+            try:
+                warm = self.train(f"warm-s{seed}", "warm", base, s["warm_steps"], s["warm_lr"], seed)
+                r0 = self.train(f"r0-s{seed}", "r0", warm, s["steps"], s["lr"], seed)
+            except Missing as error:
+                log(f"not done: {error}")
+                break
             if part in ("all", "interference") and seed == first:
                 for method in ("sft", "full", "consistency", "adversarial"):
-                    model = self.train(f"interference-{method}-s{seed}", "interference", r0, s["interference_steps"],
-                                       s["interference_lr"], seed, method, "lm,connector")
-                    self.evaluate(f"interference-{method}-s{seed}", model, s["test_where"], "", "UF,MD", "all")
-                    holdout = f"split = 'train' and subset = 'word_math' and hash(sample_id) % {s['word_math_holdout']} = 0"
-                    self.evaluate(f"interference-{method}-s{seed}-text", model, holdout, "", "RP,FB,FW", "task_kind")
+                    with self.step():
+                        model = self.train(f"interference-{method}-s{seed}", "interference", r0, s["interference_steps"],
+                                           s["interference_lr"], seed, method, "lm,connector")
+                        self.evaluate(f"interference-{method}-s{seed}", model, s["test_where"], "", "UF,MD", "all")
+                        self.evaluate(f"interference-{method}-s{seed}-text", model, holdout, "", "RP,FB,FW", "task_kind")
                 self.table_interference()
             if part == "interference":
                 break
-            self.robustness_eval(f"r0-s{seed}", r0)
+            with self.step():
+                self.robustness_eval(f"r0-s{seed}", r0)
             if seed == first and self.wanted("text-only"):
-                # the same budget of steps as the r0 model's own training, from random initialisation
-                blank = self.train(f"text-only-s{seed}", "r0_blank", base, s["steps"], s["lr"], seed)
-                self.evaluate(f"text-only-s{seed}", blank, s["test_where"], "", "FB", "all")
+                with self.step():
+                    # the same budget of steps as the r0 model's own training, from random initialisation
+                    blank = self.train(f"text-only-s{seed}", "r0_blank", base, s["steps"], s["lr"], seed)
+                    self.evaluate(f"text-only-s{seed}", blank, s["test_where"], "", "FB", "all")
                 self.table_baseline()
             for name in filter(self.wanted, REDUNDANCY[1:]):
-                model = self.train(f"{name}-s{seed}", name, warm, s["steps"], s["lr"], seed)
-                self.robustness_eval(f"{name}-s{seed}", model)
+                with self.step():
+                    model = self.train(f"{name}-s{seed}", name, warm, s["steps"], s["lr"], seed)
+                    self.robustness_eval(f"{name}-s{seed}", model)
                 self.table_redundancy()
+        self.results["train_seconds"] = sum(t["seconds"] for t in self.results.get("train", {}).values())
         self.results["seconds"] = self.results.get("seconds", 0) + time.perf_counter() - started
         self.save()
         self.publish()
         log(f"done in {time.perf_counter() - started:.0f} s; results in {self.results_path}")
+
+    @contextlib.contextmanager
+    def step(self):
+        """A model's training and evaluation; with --assemble, one whose outputs are missing is skipped."""
+        try:
+            yield
+        except Missing as error:
+            log(f"not done: {error}")
 
     def wanted(self, name: str) -> bool:
         return self.only is None or name in self.only
@@ -346,10 +372,10 @@ class Bench:
         docs.mkdir(parents=True, exist_ok=True)
         if (self.out / "redundancy_dp.png").exists():
             shutil.copyfile(self.out / "redundancy_dp.png", docs / "redundancy_dp.png")
-        seconds = self.results.get("seconds")
+        seconds = self.results.get("train_seconds")
         block = [begin, "",
-                 f"Generated by `python bench/robustness_e2e.py` from `{self.results_path.relative_to(REPO)}`"
-                 + (f" ({seconds / 60:.0f} min of wall clock)" if seconds else "") + ". Settings: "
+                 "Generated by `python bench/robustness_e2e.py` (results: `docs/robustness_e2e/results.json`"
+                 + (f"; training took {seconds / 60:.0f} min of wall clock summed over the models" if seconds else "") + "). Settings: "
                  + ", ".join(f"{k} {v}" for k, v in self.results["settings"].items() if k not in ("test_where", "score_where"))
                  + f"; test rows: `{self.s['test_where']}`.", ""]
         for key, title in (("table_baseline", "Baseline"), ("table_redundancy", "Redundancy: dP under noise (mean ± sd over seeds)"),
@@ -405,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the baseline + redundancy models, or only the interference models (results-PART.json); "
                              "two processes can share the work, and a final `all` run assembles every table")
     parser.add_argument("--only", help="with --part redundancy: only these of text-only, r25, r50, mi_gate (comma-separated)")
+    parser.add_argument("--assemble", action="store_true",
+                        help="train and evaluate nothing: collect the outputs that exist into the tables (and the README)")
     args = parser.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
     if args.seeds:
@@ -415,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     bench = Bench(out, settings, args.quick, args.part)
+    bench.assemble = args.assemble
     if args.only:
         bench.only = set(args.only.split(","))
         bench.results_path = out / f"results-{args.part}-{args.only.replace(',', '-')}.json"
