@@ -134,3 +134,14 @@ def killed_caption_run_resumes_exactly_once(tmp_path: Path, model: str, rows: in
     run_to_end(command)
     ids = Store(store_path).arrow("captions", ["sample_id"]).column("sample_id").to_pylist()
     assert len(ids) == rows == len(set(ids))
+
+
+def load_bench(name: str):
+    """A script of bench/ as a module (its dataclasses look their module up in sys.modules)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

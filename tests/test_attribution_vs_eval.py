@@ -2,28 +2,18 @@
 models through `engine train`, evaluate and attribute them through `engine eval` and `engine attribute`, and
 resume from what is done."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from conftest import REPO
-
-
-def bench_module():
-    spec = importlib.util.spec_from_file_location("attribution_vs_eval", REPO / "bench" / "attribution_vs_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench
 
 
 @pytest.mark.slow
 def test_quick_run_trains_evaluates_attributes_and_resumes(tmp_path):
     from safetensors.torch import load_file
 
-    bench = bench_module()
+    bench = load_bench("attribution_vs_eval")
     work = tmp_path / "work"
     plan = bench.QUICK
     results = bench.run(work, plan)

@@ -2,25 +2,17 @@
 records what it must (mixture hashes, train manifests, eval reports, both tables) and resumes without redoing
 anything. It checks the pipeline, not the outcome (the quick models train for a few steps)."""
 
-import importlib.util
 import json
 import re
 
 import pytest
 
-from conftest import REPO
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("robustness_e2e", REPO / "bench" / "robustness_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench
 
 
 @pytest.mark.slow
 def test_quick_run_records_every_step_and_resumes_without_redoing_any(tmp_path):
-    bench = _bench()
+    bench = load_bench("robustness_e2e")
     out = tmp_path / "e2e"
     assert bench.main(["--quick", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
