@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
+from engine.categories import subset_mapping
 from engine.perturb.image import (GAUSSIAN_SIGMA, IMPULSE_AMOUNT, SHOT_PHOTONS, canvas, corrupt_images, gaussian_noise,
                                   impulse_noise, shot_noise)
 from engine.perturb.text import CHAR_PROBABILITY, char_noise, corrupt_texts
@@ -172,3 +173,20 @@ def test_rates_above_one_are_refused(sample_store, tmp_path):
     with pytest.raises(RecipeError, match=r"perturb.image_heavy: rates add up to 1.2"):
         build(sample_store, recipe, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_mixture_carries_the_task_kind_its_variants_were_chosen_by(sample_store, tmp_path):
+    """`perturb.task_kind` re-labels rows for the variants; the mixture must say the same kind, since the
+    trainer aims PGD at the irrelevant modality by the row's task_kind."""
+    override = "perturb.task_kind=case when subset = 'word_math' then 'text_heavy' else 'image_heavy' end"
+    recipe = load_recipe(REPO / "recipes" / "cauldron_r0.yaml", [f"output.path={tmp_path / 'out'}", PERTURB, override])
+    build(sample_store, recipe, progress=False)
+    rows = pq.read_table(tmp_path / "out" / "parquet", columns=["subset", "task_kind", "perturbation"]).to_pylist()
+    assert {(r["subset"] == "word_math", r["task_kind"]) for r in rows} == {(True, "text_heavy"), (False, "image_heavy")}
+    image_variants = {r["perturbation"] for r in rows if r["task_kind"] == "text_heavy"} - {None}
+    assert image_variants and image_variants <= {"random_pixels", "black", "white", "irrelevant_image"}
+    plain = load_recipe(REPO / "recipes" / "cauldron_r0.yaml", [f"output.path={tmp_path / 'plain'}", PERTURB])
+    build(sample_store, plain, progress=False)
+    mapping = subset_mapping()
+    for r in pq.read_table(tmp_path / "plain" / "parquet", columns=["subset", "task_kind"]).to_pylist():
+        assert r["task_kind"] == mapping[r["subset"]].task_kind  # without the key, each row keeps its own kind

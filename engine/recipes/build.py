@@ -205,13 +205,21 @@ def _caption_source(redundancy: dict | None) -> str:
     )
 
 
+def task_kind_sql(recipe: Recipe) -> str:
+    """SQL for each row's task kind in the mixture: the recipe's ``perturb.task_kind`` expression where it
+    has one, else the row's own (``recipes/categories.yaml``). The variants are chosen by it and the trainer
+    masks PGD by it, so both read the same kind."""
+    perturb = recipe.perturb or {}
+    return f"({perturb['task_kind']})" if perturb.get("task_kind") else "f.task_kind"
+
+
 def perturbation_sql(recipe: Recipe) -> str:
     """SQL naming each row's perturbation (NULL for none): the rates of its task kind split [0, 1) into
     intervals, and the salted hash of the row's id falls in at most one."""
     perturb = recipe.perturb
     if not perturb:
         return "NULL::VARCHAR"
-    kind = f"({perturb['task_kind']})" if perturb.get("task_kind") else "f.task_kind"
+    kind = task_kind_sql(recipe)
     salt = perturb["salt"]
     cases = []
     for task_kind, names in (("image_heavy", TEXT_PERTURBATIONS), ("text_heavy", IMAGE_PERTURBATIONS)):
@@ -299,6 +307,7 @@ def _decide(con: duckdb.DuckDBPyConnection, recipe: Recipe, expected_rows: int) 
     corrupted = recipe.answers == "corrupted"
     replacement = "case when coalesce(f.corrupted, false) then f.replaced end" if corrupted else "NULL::VARCHAR"
     perturbation = perturbation_sql(recipe)
+    task_kind = task_kind_sql(recipe) if (recipe.perturb or {}).get("task_kind") else "NULL::VARCHAR"
     facts_model = (recipe.perturb or {}).get("facts_model")
     if facts_model and not con.execute("select count(*) from option_facts where model = ?", [facts_model]).fetchall()[0][0]:
         raise recipe.error(("perturb", "facts_model"),
@@ -307,7 +316,7 @@ def _decide(con: duckdb.DuckDBPyConnection, recipe: Recipe, expected_rows: int) 
     decisions = con.sql(
         f"""select p.pos, s.group_id, s.captioned,
                    case when s.captioned then {joiner} || c.caption end as suffix, {replacement} as replacement,
-                   {perturbation} as perturbation
+                   {perturbation} as perturbation, {task_kind} as task_kind
         from selected s join sample_positions p using (sample_id)
         left join ({_caption_source(redundancy)}) c on s.captioned and c.sample_id = s.sample_id
         {facts_join}
@@ -373,12 +382,14 @@ def hf_images(images: pa.ListArray) -> pa.ListArray:
 
 
 def assemble(rows: pa.Table, decision: pa.Table) -> pa.Table:
-    """Mixture rows from ``samples`` rows plus each row's decision (captioned, suffix, replacement)."""
+    """Mixture rows from ``samples`` rows plus each row's decision (captioned, suffix, replacement, and the
+    task kind where the recipe sets one)."""
     column = lambda name: decision.column(name).combine_chunks()  # noqa: E731
     columns = {
         "images": hf_images(rows.column("images").combine_chunks()),
         "texts": rewrite_first_turn(rows.column("turns").combine_chunks(), column("suffix"), column("replacement")),
-        **{name: rows.column(name) for name in ("sample_id", "source", "subset", "category", "task_kind", "label")},
+        **{name: rows.column(name) for name in ("sample_id", "source", "subset", "category", "label")},
+        "task_kind": pc.coalesce(column("task_kind"), rows.column("task_kind").combine_chunks()),
         "captioned": column("captioned"),
         "origin_id": pa.nulls(len(rows), pa.string()),
         "perturbation": pa.nulls(len(rows), pa.string()),
