@@ -147,8 +147,9 @@ class Stage:
         """Load what the stage needs (a model), once per worker, before the first ``process``."""
 
     def process(self, batch: pa.Table) -> StageOutput:
-        """Turn one batch (the selection's columns plus ``reads``) into rows for ``table`` and rejects."""
-        raise NotImplementedError
+        """Turn one batch (the selection's columns plus ``reads``) into rows for ``table`` and rejects. Every
+        per-row stage defines it; ``WholeStage`` and selection-only stages never reach it."""
+        raise NotImplementedError(f"{type(self).__name__} must define process(batch) to run per batch")
 
     def run_batch(self, batch: pa.Table) -> StageOutput:
         """``process`` one batch and note how many selection rows it held (executors call this)."""

@@ -36,10 +36,10 @@ class ModelStage(Stage):
             self.backend = self.spec.load()
 
     def request(self, row: dict, images: list) -> Request:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define request(row, images): the prompt of one row")
 
     def compute(self, rows: list[dict], requests: list[Request]) -> list[dict]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define compute(rows, requests): one output row per row")
 
     def process(self, batch: pa.Table) -> StageOutput:
         rows, images, rejects = decode_rows(batch)
