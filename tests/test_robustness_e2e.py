@@ -14,7 +14,7 @@ from conftest import load_bench
 def test_quick_run_records_every_step_and_resumes_without_redoing_any(tmp_path):
     bench = load_bench("robustness_e2e")
     out = tmp_path / "e2e"
-    assert bench.main(["--quick", "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--out", str(out), "--jobs", "2"]) == 0
     results = json.loads((out / "results.json").read_text())
 
     mixtures = results["mixtures"]
