@@ -29,7 +29,7 @@ def test_quick_run_records_every_step_and_resumes_without_redoing_any(tmp_path):
 
     train = results["train"]
     models = {"warm-s0", "r0-s0", "text-only-s0", "r25-s0", "r50-s0", "mi_gate-s0",
-              *(f"interference-{m}-s0" for m in bench.METHODS)}
+              *(f"interference-{m}-s0" for m in bench.INTERFERENCE)}
     assert set(train) == models
     for name, manifest in train.items():
         parts = ["lm", "connector"] if name.startswith("interference") else ["lm", "connector", "vision"]
@@ -38,6 +38,7 @@ def test_quick_run_records_every_step_and_resumes_without_redoing_any(tmp_path):
     assert train["r25-s0"]["mixture_manifest_sha256"] == mixtures["r25"]["manifest_sha256"]
     assert train["r0-s0"]["model"].endswith("models/warm-s0") and train["text-only-s0"]["model"].endswith("models/base")
     assert {train[f"interference-{m}-s0"]["config"]["method"] for m in bench.METHODS} == set(bench.METHODS)
+    assert train["interference-full-eps0.01-s0"]["config"]["pgd_epsilon"] == 0.01 == 10 * train["interference-full-s0"]["config"]["pgd_epsilon"]
 
     evals = results["eval"]
     assert evals["text-only-s0"]["corruption"] == {} and "FB" in evals["text-only-s0"]["interference"]
