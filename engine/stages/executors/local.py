@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -20,3 +20,8 @@ class LocalExecutor:
         stage.setup()
         for batch in read_ahead(selection, reader, batch_rows):
             yield stage.run_batch(batch)
+
+    def stream(self, work: Callable[[object], Iterator[StageOutput]], items: Iterable) -> Iterator[StageOutput]:
+        """``work(item)``'s outputs for each item, one item after the other (ingest's shards)."""
+        for item in items:
+            yield from work(item)
