@@ -172,7 +172,11 @@ def executor_options(command):
         from engine.stages.executors.ray import RayUnavailable
 
         try:
-            return command(*args, executor=executor_for("ray", address=ray_address, workers=workers), **kwargs)
+            ray_executor = executor_for("ray", address=ray_address, workers=workers)
+            try:
+                return command(*args, executor=ray_executor, **kwargs)
+            finally:
+                ray_executor.close()
         except RayUnavailable as error:
             raise Fail(str(error)) from None
 

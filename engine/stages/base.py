@@ -253,6 +253,9 @@ def reject(sample_id: str, reason: str) -> dict:
 class Executor(Protocol):
     name: str
 
+    def close(self) -> None:
+        """Release what the executor holds (Ray: the connection it made), once a command is done with it."""
+
     def run(self, stage: Stage, selection: pa.Table, reader: Reader | None, batch_rows: int) -> Iterator[StageOutput]:
         """Process ``selection`` in slices of ``batch_rows``; one output per slice, in selection order."""
 

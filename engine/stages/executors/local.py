@@ -14,6 +14,9 @@ class LocalExecutor:
 
     name = "local"
 
+    def close(self) -> None:
+        """Nothing to release."""
+
     def run(self, stage: Stage, selection: pa.Table, reader: Reader | None, batch_rows: int) -> Iterator[StageOutput]:
         if not len(selection):
             return

@@ -185,12 +185,28 @@ class RayExecutor:
         if address:
             _check_address(address)  # before any work: a command fails at once on a wrong address
         self.workers, self.address = workers, address
+        self._ray = None  # set when this executor connected the process to Ray (``close`` disconnects it)
+
+    def _connect(self):
+        """``connect``, noting whether this executor made the connection (a process already connected, say
+        by a test, stays connected after ``close``)."""
+        ray = _import_ray()
+        if not ray.is_initialized():
+            self._ray = ray
+        return connect(self.address, self.workers)
+
+    def close(self) -> None:
+        """Disconnect from Ray (stopping a local Ray this executor started), if this executor connected.
+        A command calls it when it ends: Ray's own exit hook would do the same after sleeping half a second."""
+        if self._ray is not None:
+            self._ray.shutdown()
+            self._ray = None
 
     def run(self, stage, selection: pa.Table, reader, batch_rows: int) -> Iterator:
         """Yield the stage's ``StageOutput`` for each ``batch_rows`` rows of ``selection``, in selection order."""
         if len(selection) == 0:
             return
-        ray = connect(self.address, self.workers)
+        ray = self._connect()
         gpus = float(stage.needs.gpus or 0)
         resources = {"num_gpus": gpus} if gpus else {"num_cpus": 1}
         batches = -(-len(selection) // batch_rows)
@@ -242,7 +258,7 @@ class RayExecutor:
         first = next(items, _END)
         if first is _END:
             return
-        ray = connect(self.address, self.workers)
+        ray = self._connect()
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         at_once = min(self.workers or cpus, cpus)
         task = ray.remote(num_cpus=1, num_returns="streaming",
