@@ -1,24 +1,21 @@
-"""Run a stage's batches on a Ray cluster: a pool of stateful Ray actors works through the driver's selection.
+"""Run a stage's batches on a Ray cluster: Ray Data maps the driver's selection through a pool of stateful actors.
 
 The driver selects the rows in DuckDB (ids, storage positions, text columns; no images) and hands them to
-``RayExecutor.run``, which sends them, a few of the stage's batches per call (cut where the local executor
-cuts its batches, so a model sees the same batches), to a pool of ``workers`` actors, two calls queued on each.
-Each actor calls the stage's ``setup()`` once (a model loads once per actor; a GPU stage's actor holds
-``num_gpus=1``, so vLLM or transformers sees one GPU of its own), reads its rows' images by position through
-the picklable ``reader``, and runs ``process()``. The outputs come back to the driver and are yielded in
-selection order; the runner commits them, alone, at its usual cadence, so a Ray run killed at any point and
-started again does every row once, exactly as a local run. Ingest's shards run on Ray tasks the same way
-(``RayExecutor.stream``).
-
-Plain Ray actors and tasks, not Ray Data: the work is already cut into ordered chunks on the driver, and Ray
-Data's ``map_batches`` cost a run about a second more here (importing Ray Data and pandas in the driver and
-in every actor, its planner and streaming executor) without doing anything this needs.
+``RayExecutor.run``. Ray Data streams them, a few of the stage's batches per task (cut where the local
+executor cuts its batches, so a model sees the same batches), through a pool of ``workers`` actors. Each actor calls the
+stage's ``setup()`` once (a model loads once per actor; a GPU stage's actor holds ``num_gpus=1``, so vLLM or
+transformers sees one GPU of its own), reads its rows' images by position through the picklable ``reader``, and
+runs ``process()``. The outputs come back to the driver and are yielded in selection order; the runner commits
+them, alone, at its usual cadence, so a Ray run killed at any point and started again does every row once,
+exactly as a local run. Ingest's shards run on plain Ray tasks (``RayExecutor.stream``): each shard is one
+task that streams its outputs back.
 
 Ray is imported only here, and this module only when ``--executor ray`` is asked for.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import pickle
@@ -28,6 +25,9 @@ from collections import deque
 from collections.abc import Iterator
 
 import pyarrow as pa
+
+SEQ = "__engine_seq"  # a selection row's index, carried through Ray so outputs can be put back in order
+
 
 class RayUnavailable(RuntimeError):
     """Ray is not installed, or the cluster asked for cannot be reached."""
@@ -39,6 +39,14 @@ def _import_ray():
     except ImportError as error:
         raise RayUnavailable('--executor ray needs Ray: pip install -e ".[ray]"') from error
     return ray
+
+
+def _import_ray_data() -> None:
+    """Ray Data (the ``data`` extra of ray), which the stages' pool runs on; ingest's tasks need only Ray."""
+    try:
+        import ray.data  # noqa: F401
+    except ImportError as error:
+        raise RayUnavailable('--executor ray needs Ray Data: pip install -e ".[ray]"') from error
 
 
 GCS_PROBE_S = 3.0  # how long a cluster's GCS may take to answer the probe of ``_check_address``
@@ -116,13 +124,12 @@ def connect(address: str | None = None, workers: int | None = None, **local_opti
 
 
 class _StageActor:
-    """One worker of the pool (a Ray actor): sets the stage up once, then turns chunks of the selection into
-    outputs.
+    """One worker of the pool: sets the stage up once, then turns chunks of the selection into outputs.
 
-    A chunk (one actor call) holds several of the stage's batches; the actor processes them one by one, the
-    next read ahead on a thread (``read_ahead``, as the local executor does), and returns their
-    ``StageOutput``s (Arrow tables travel as pickle-5 buffers, without a copy into Python objects), ending
-    with the exception the stage raised, if it raised one (Ray would wrap it and drop its type; the driver
+    A chunk (one Ray task) holds several of the stage's batches; the actor processes them one by one, the
+    next read ahead on a thread (``read_ahead``, as the local executor does), and returns one row per batch:
+    where it starts in the selection, its row count, and the pickled ``StageOutput`` (Arrow tables pickle as
+    IPC buffers) or the pickled exception the stage raised (Ray would wrap it and drop its type; the driver
     raises it as it was).
     """
 
@@ -136,22 +143,24 @@ class _StageActor:
         except Exception as error:  # reported with the first batch, as the stage's own error
             self.failed = error
 
-    def ready(self) -> bool:
-        """Answers once the actor is up and its stage set up."""
-        return True
-
-    def process(self, chunk: pa.Table) -> list:
-        outputs = []
-        batches = self.read_ahead(chunk, self.reader, self.batch_rows)
-        for _ in range(0, len(chunk), self.batch_rows):
+    def __call__(self, chunk: pa.Table) -> pa.Table:
+        first = chunk.column(SEQ)[0].as_py()
+        starts, counts, outputs = [], [], []
+        batches = self.read_ahead(chunk.drop_columns([SEQ]), self.reader, self.batch_rows)
+        for start in range(0, len(chunk), self.batch_rows):
             try:
                 if self.failed is not None:
                     raise self.failed
-                outputs.append(self.stage.run_batch(next(batches)))
+                output = self.stage.run_batch(next(batches))
             except Exception as error:
-                outputs.append(_picklable(error))
+                output = _picklable(error)
+            starts.append(first + start)
+            counts.append(min(self.batch_rows, len(chunk) - start))
+            outputs.append(pickle.dumps(output, protocol=5))
+            if isinstance(output, Exception):
                 break  # the driver raises it; the rest of the chunk would be thrown away
-        return outputs
+        return pa.table({SEQ: pa.array(starts, pa.int64()), "rows": pa.array(counts, pa.int64()),
+                         "output": pa.array(outputs, pa.large_binary())})
 
 
 def _picklable(error: Exception) -> Exception:
@@ -207,44 +216,36 @@ class RayExecutor:
         if len(selection) == 0:
             return
         ray = self._connect()
+        _import_ray_data()
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the runner shows one progress bar, whichever executor runs
+        context.print_on_execution_start = False
+        # every actor set up before the first batch goes out: the work spreads over the whole pool, and a
+        # pool the cluster cannot hold fails with a clear error instead of waiting for ever
+        context.wait_for_min_actors_s = self.start_timeout_s
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+
         gpus = float(stage.needs.gpus or 0)
         resources = {"num_gpus": gpus} if gpus else {"num_cpus": 1}
         batches = -(-len(selection) // batch_rows)
         workers = min(self.workers or _fitting_workers(ray, gpus), batches)
         chunk_rows = batch_rows * _batches_per_task(batches, workers, batch_rows)
-        # chunks cut at multiples of batch_rows: the stage sees the batches the local executor makes
-        chunks = (selection.slice(start, chunk_rows) for start in range(0, len(selection), chunk_rows))
-        stage_ref = ray.put(stage)  # once for the whole pool
-        pool = [ray.remote(**resources)(_StageActor).remote(stage_ref, reader, batch_rows) for _ in range(workers)]
+        numbered = selection.append_column(SEQ, pa.array(range(len(selection)), pa.int64()))
+        # one block per task, cut at multiples of batch_rows: the stage sees the batches the local executor makes.
+        # from_blocks keeps the blocks as they are and reads their metadata here (from_arrow runs a Ray task
+        # per table for it: seconds on a busy machine before any work starts)
+        blocks = [numbered.slice(start, chunk_rows) for start in range(0, len(numbered), chunk_rows)]
+        outputs = ray.data.from_blocks(blocks).map_batches(
+            _StageActor, fn_constructor_args=(stage, reader, batch_rows), batch_size=chunk_rows,
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), **resources)
         try:
-            # every actor set up before the first chunk goes out: the work spreads over the whole pool, and a
-            # pool the cluster cannot hold fails with a clear error instead of waiting for ever
-            _, waiting = ray.wait([actor.ready.remote() for actor in pool], num_returns=workers,
-                                  timeout=self.start_timeout_s)
-            if waiting:
-                each = f"{gpus:g} GPU" if gpus else "1 CPU"
-                raise RayUnavailable(f"the Ray cluster could not start {workers} workers of {each} each within "
-                                     f"{self.start_timeout_s} s (it has {_resources(ray)})")
-            # each actor has CHUNKS_QUEUED chunks queued (it starts the next as soon as one is done); the driver
-            # takes results in chunk order and gives the actor whose result it took the next chunk
-            running = deque()
-            for actor in pool * CHUNKS_QUEUED:
-                if (chunk := next(chunks, None)) is not None:
-                    running.append((actor, actor.process.remote(chunk)))
-            while running:
-                actor, result = running.popleft()
-                outputs = ray.get(result)
-                if (chunk := next(chunks, None)) is not None:
-                    running.append((actor, actor.process.remote(chunk)))
-                for output in outputs:
-                    if isinstance(output, Exception):
-                        raise output
-                    yield output
+            yield from _in_order(outputs.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2))
+        except ray.exceptions.GetTimeoutError:
+            each = f"{gpus:g} GPU" if gpus else "1 CPU"
+            raise RayUnavailable(f"the Ray cluster could not start {workers} workers of {each} each within "
+                                 f"{self.start_timeout_s} s (it has {_resources(ray)})") from None
         except ray.exceptions.RayError as error:
             raise _user_error(error) from None
-        finally:
-            for actor in pool:  # now, not when the handles are collected: the next run may need the CPUs
-                ray.kill(actor)
 
     def stream(self, work, items) -> Iterator:
         """``work(item)``'s outputs for each item (ingest's shards), each item on a Ray task of one CPU, as
@@ -294,9 +295,8 @@ def _stream_work(work, item):
         yield _picklable(error)
 
 
-TASKS_PER_WORKER = 4  # chunks per actor over a run: few round trips, yet the work evens out over the pool
-CHUNKS_QUEUED = 2  # chunks an actor holds at once: the one it works on and the next
-MAX_TASK_ROWS = 1024  # a chunk's outputs reach the driver (and the store) together: keep them coming
+TASKS_PER_WORKER = 4  # enough for each actor to have its next task queued while it works on one
+MAX_TASK_ROWS = 1024  # a task's outputs reach the driver (and the store) together: keep them coming
 
 
 def _batches_per_task(batches: int, workers: int, batch_rows: int) -> int:
@@ -320,6 +320,25 @@ def _fitting_workers(ray, gpus: float) -> int:
             raise RayUnavailable(f"the stage needs {gpus:g} GPU per worker and the Ray cluster has fewer")
         return fitting
     return max(1, int(resources.get("CPU", 1)))
+
+
+def _in_order(batches) -> Iterator:
+    """The outputs ordered by where their batch starts in the selection (Ray may finish them out of order)."""
+    waiting: list[tuple[int, int, bytes]] = []
+    expected = 0
+    for table in batches:
+        columns = (table.column(name).to_pylist() for name in (SEQ, "rows", "output"))
+        for start, rows, blob in zip(*columns):
+            heapq.heappush(waiting, (start, rows, blob))
+        while waiting and waiting[0][0] == expected:
+            _, rows, blob = heapq.heappop(waiting)
+            expected += rows
+            output = pickle.loads(blob)
+            if isinstance(output, Exception):
+                raise output
+            yield output
+    if waiting:
+        raise RuntimeError(f"Ray returned outputs starting at row {waiting[0][0]}, expected row {expected}")
 
 
 def _user_error(error: BaseException) -> BaseException:
