@@ -12,10 +12,13 @@ config and trained from random initialisation on easy-vqa (real 64x64 images, 13
 
 Captions come from easy-vqa's own annotations (captioner ``easy-vqa-annotations``, loaded by ``engine ingest
 easy_vqa``), not from a captioning model. Every step is skipped when its output exists, so a killed run resumes;
-every seed is fixed. Results go to OUT/results.json; the full run also writes the tables and plots into the README.
+every seed is fixed. After the data, each model's training and evaluation is a task; ``--jobs`` tasks run at once,
+each in its own single-threaded process, as soon as the models they start from exist. Results go to
+OUT/results.json; the full run also writes the tables and plots into the README.
 
-    python bench/robustness_e2e.py                 # the full run (about an hour on 2 CPU cores)
+    python bench/robustness_e2e.py                 # the full run, 3 seeds (about an hour on 2 CPU cores)
     python bench/robustness_e2e.py --quick         # one seed, tiny budgets: checks the pipeline in a few minutes
+    python bench/robustness_e2e.py --assemble      # the tables from whatever outputs exist
 """
 
 from __future__ import annotations
@@ -64,16 +67,18 @@ class Missing(LookupError):
 
 
 class Bench:
-    def __init__(self, out: Path, settings: dict, quick: bool, part: str = "all"):
-        self.out, self.s, self.quick, self.part = out, settings, quick, part
-        self.only: set[str] | None = None  # with --only: the redundancy models this process trains
+    def __init__(self, out: Path, settings: dict, quick: bool, worker: bool = False):
+        self.out, self.s, self.quick = out, settings, quick
+        self.worker = worker  # a worker process of --jobs: does one task; the coordinating process writes the results
         self.assemble = False  # with --assemble: train and evaluate nothing, collect what exists
         self.store = out / "store"
-        self.results_path = out / ("results.json" if part == "all" else f"results-{part}.json")
+        self.results_path = out / "results.json"
         # rebuilt on every run: skipped steps re-read their outputs (mixture manifests, train manifests, reports)
         self.results = {}
         self.results.update({"quick": quick, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
                              "model_size": MODEL_SIZE})
+        if self.results_path.exists():  # each task's wall time is kept across resumed runs
+            self.results["task_seconds"] = json.loads(self.results_path.read_text()).get("task_seconds", {})
 
     # -- the engine's verbs, in-process ------------------------------------------------------------------
     def engine(self, *args: str) -> None:
@@ -85,6 +90,8 @@ class Bench:
             f"({time.perf_counter() - started:.0f} s)")
 
     def save(self) -> None:
+        if self.worker:
+            return
         self.results_path.write_text(json.dumps(self.results, indent=1, sort_keys=True, default=str))
 
     # -- data ------------------------------------------------------------------------------------------
@@ -220,50 +227,104 @@ class Bench:
         return self.evaluate(name, model, self.s["test_where"], ",".join(NOISES), "FB", "all")
 
     # -- the experiments -------------------------------------------------------------------------------
-    def run(self, part: str = "all") -> None:
-        """``part``: all, or only the baseline + redundancy models, or only the interference models (two
-        processes can then share the work; a final ``all`` run finds every output and assembles the tables)."""
+    def plan(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Every model's training and evaluation as a task ``(name, the tasks it needs)``, in the order a free
+        worker takes the ready ones: the chains that unblock the most work first."""
+        first, tasks = self.s["seeds"][0], []
+        for seed in self.s["seeds"]:
+            warm, r0 = f"warm-s{seed}", f"r0-s{seed}"
+            tasks += [(warm, ()), (r0, (warm,))]
+            if seed == first:
+                tasks += [(f"interference-{method}-s{seed}", (r0,)) for method in METHODS]
+                tasks.append((f"text-only-s{seed}", ()))
+            tasks += [(f"{name}-s{seed}", (warm,)) for name in REDUNDANCY[1:]]
+        return tasks
+
+    def do(self, task: str) -> None:
+        """Train and evaluate one task's model (each step skipped when its output exists)."""
+        s, models = self.s, self.out / "models"
+        name, seed = task.rsplit("-s", 1)
+        seed = int(seed)
+        if name == "warm":  # every part, on the colour and shape questions, which need the image
+            self.train(task, "warm", self.base_model(), s["warm_steps"], s["warm_lr"], seed)
+        elif name == "text-only":  # as many steps as r0's own training, from random initialisation, on black images
+            model = self.train(task, "r0_blank", self.base_model(), s["steps"], s["lr"], seed)
+            self.evaluate(task, model, s["test_where"], "", "FB", "all")
+        elif name.startswith("interference-"):  # fine-tune r0's model; the vision tower frozen, as in the paper
+            model = self.train(task, "interference", models / f"r0-s{seed}", s["interference_steps"], s["interference_lr"],
+                               seed, name.removeprefix("interference-"), "lm,connector")
+            holdout = f"split = 'train' and subset = 'word_math' and hash(sample_id) % {s['word_math_holdout']} = 0"
+            self.evaluate(task, model, s["test_where"], "", "UF,MD", "all")
+            self.evaluate(f"{task}-text", model, holdout, "", "RP,FB,FW", "task_kind")
+        else:  # a redundancy mixture, from the seed's warm start
+            model = self.train(task, name, models / f"warm-s{seed}", s["steps"], s["lr"], seed)
+            self.robustness_eval(task, model)
+
+    def done(self, task: str) -> bool:
+        """Whether the task's model and its evaluations exist."""
+        reports = [] if task.startswith("warm-") else [task, f"{task}-text"] if task.startswith("interference-") else [task]
+        return ((self.out / "models" / task / "train_manifest.json").exists()
+                and all((self.out / "eval" / r / "report.json").exists() for r in reports))
+
+    def schedule(self, jobs: int) -> list[str]:
+        """Run the plan's tasks that are not done on ``jobs`` worker processes (one task each, its log in
+        OUT/logs/TASK.log), a task as soon as the tasks it needs are done. Returns the tasks that failed or could
+        not run because one they need failed."""
+        import subprocess
+
+        (self.out / "logs").mkdir(exist_ok=True)
+        plan = self.plan()
+        needs = dict(plan)
+        pending = [task for task, _ in plan if not self.done(task)]
+        running: dict[str, tuple[subprocess.Popen, float]] = {}
+        failed: list[str] = []
+        seconds = self.results.setdefault("task_seconds", {})
+        command = [sys.executable, str(Path(__file__).resolve()), "--out", str(self.out), *(["--quick"] if self.quick else []),
+                   "--seeds", ",".join(map(str, self.s["seeds"])), "--task"]
+        while pending or running:
+            blocked = [t for t in pending if any(n in failed for n in needs[t])]
+            failed += blocked
+            pending = [t for t in pending if t not in blocked]
+            ready = [t for t in pending if all(n not in running and n not in pending for n in needs[t])]
+            for task in ready[: max(jobs - len(running), 0)]:
+                pending.remove(task)
+                with open(self.out / "logs" / f"{task}.log", "w") as log_file:
+                    running[task] = (subprocess.Popen([*command, task], stdout=log_file, stderr=subprocess.STDOUT), time.perf_counter())
+                log(f"{task}: started ({len(running)} running, {len(pending)} waiting)")
+            time.sleep(0.5)
+            for task, (process, began) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[task]
+                if process.returncode == 0:
+                    seconds[task] = round(time.perf_counter() - began, 1)
+                    log(f"{task}: done in {seconds[task]:.0f} s")
+                else:
+                    failed.append(task)
+                    log(f"{task}: FAILED (exit {process.returncode}); see {self.out / 'logs' / f'{task}.log'}")
+            self.save()
+        return failed
+
+    def run(self, jobs: int = 1) -> int:
+        """The data, then every task (on ``jobs`` worker processes when more than one), then the tables from
+        what exists. Returns the exit status: 1 when a task failed."""
         started = time.perf_counter()
         self.data()
-        base = self.base_model()
-        s = self.s
-        first = s["seeds"][0]
-        holdout = f"split = 'train' and subset = 'word_math' and hash(sample_id) % {s['word_math_holdout']} = 0"
-        for seed in s["seeds"]:
-            try:
-                warm = self.train(f"warm-s{seed}", "warm", base, s["warm_steps"], s["warm_lr"], seed)
-                r0 = self.train(f"r0-s{seed}", "r0", warm, s["steps"], s["lr"], seed)
-            except Missing as error:
-                log(f"not done: {error}")
-                break
-            if part in ("all", "interference") and seed == first:
-                for method in ("sft", "full", "consistency", "adversarial"):
-                    with self.step():
-                        model = self.train(f"interference-{method}-s{seed}", "interference", r0, s["interference_steps"],
-                                           s["interference_lr"], seed, method, "lm,connector")
-                        self.evaluate(f"interference-{method}-s{seed}", model, s["test_where"], "", "UF,MD", "all")
-                        self.evaluate(f"interference-{method}-s{seed}-text", model, holdout, "", "RP,FB,FW", "task_kind")
-                self.table_interference()
-            if part == "interference":
-                break
+        self.base_model()
+        failed = self.schedule(jobs) if jobs > 1 and not self.assemble else []
+        for task, _ in self.plan():  # in this process: does what is left (jobs 1), else records the workers' outputs
             with self.step():
-                self.robustness_eval(f"r0-s{seed}", r0)
-            if seed == first and self.wanted("text-only"):
-                with self.step():
-                    # the same budget of steps as the r0 model's own training, from random initialisation
-                    blank = self.train(f"text-only-s{seed}", "r0_blank", base, s["steps"], s["lr"], seed)
-                    self.evaluate(f"text-only-s{seed}", blank, s["test_where"], "", "FB", "all")
-                self.table_baseline()
-            for name in filter(self.wanted, REDUNDANCY[1:]):
-                with self.step():
-                    model = self.train(f"{name}-s{seed}", name, warm, s["steps"], s["lr"], seed)
-                    self.robustness_eval(f"{name}-s{seed}", model)
-                self.table_redundancy()
+                self.do(task) if task not in failed else None
+        self.table_baseline()
+        self.table_redundancy()
+        self.table_interference()
         self.results["train_seconds"] = sum(t["seconds"] for t in self.results.get("train", {}).values())
-        self.results["seconds"] = self.results.get("seconds", 0) + time.perf_counter() - started
+        self.results["seconds"] = time.perf_counter() - started  # this invocation's wall clock
         self.save()
         self.publish()
-        log(f"done in {time.perf_counter() - started:.0f} s; results in {self.results_path}")
+        log(f"done in {time.perf_counter() - started:.0f} s; results in {self.results_path}"
+            + (f"; failed: {', '.join(failed)}" if failed else ""))
+        return 1 if failed else 0
 
     @contextlib.contextmanager
     def step(self):
@@ -273,12 +334,9 @@ class Bench:
         except Missing as error:
             log(f"not done: {error}")
 
-    def wanted(self, name: str) -> bool:
-        return self.only is None or name in self.only
-
     # -- tables ----------------------------------------------------------------------------------------
     def table_baseline(self) -> str:
-        ev = self.results["eval"]
+        ev = self.results.get("eval", {})
         rows = []
         for name, label in (("r0-s0", "uses the image (warm start + r0)"), ("text-only-s0", "text-only (blank images)")):
             if name in ev:
@@ -300,7 +358,7 @@ class Bench:
     def table_redundancy(self) -> str:
         import numpy as np
 
-        ev = self.results["eval"]
+        ev = self.results.get("eval", {})
         severities = [int(x) for x in self.s["severities"].split(",")]
         summary, lines = {}, []
         for name in REDUNDANCY:
@@ -332,7 +390,7 @@ class Bench:
         return table
 
     def table_interference(self) -> str:
-        ev = self.results["eval"]
+        ev = self.results.get("eval", {})
         lines = []
         for method in METHODS:
             image, text = ev.get(f"interference-{method}-s0"), ev.get(f"interference-{method}-s0-text")
@@ -351,13 +409,14 @@ class Bench:
                  "FW acc / CE |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(lines))
         self.results["table_interference"] = table
         self.save()
+        self.plot_interference(ev)
         self.publish()
         print(table, flush=True)
         return table
 
     def publish(self) -> None:
         """The full run keeps the README (and a copy of results.json under docs/) up to date as tables finish."""
-        if not self.quick and self.part == "all" and self.out == REPO / "out" / "robustness_e2e":
+        if not self.quick and not self.worker and self.out == REPO / "out" / "robustness_e2e":
             self.write_readme()
             shutil.copyfile(self.results_path, REPO / "docs" / "robustness_e2e" / "results.json")
 
@@ -370,8 +429,9 @@ class Bench:
             return
         docs = REPO / "docs" / "robustness_e2e"
         docs.mkdir(parents=True, exist_ok=True)
-        if (self.out / "redundancy_dp.png").exists():
-            shutil.copyfile(self.out / "redundancy_dp.png", docs / "redundancy_dp.png")
+        for plot in ("redundancy_dp.png", "interference.png"):
+            if (self.out / plot).exists():
+                shutil.copyfile(self.out / plot, docs / plot)
         seconds = self.results.get("train_seconds")
         block = [begin, "",
                  "Generated by `python bench/robustness_e2e.py` (results: `docs/robustness_e2e/results.json`"
@@ -384,6 +444,8 @@ class Bench:
                 block += [f"**{title}**", "", self.results[key], ""]
         if (docs / "redundancy_dp.png").exists():
             block += ["![dP against noise severity per mixture](docs/robustness_e2e/redundancy_dp.png)", ""]
+        if (docs / "interference.png").exists():
+            block += ["![accuracy and causal effect per method and condition](docs/robustness_e2e/interference.png)", ""]
         block.append(end)
         start, stop = text.index(begin), text.index(end) + len(end)
         readme.write_text(text[:start] + "\n".join(block) + text[stop:])
@@ -408,6 +470,37 @@ class Bench:
         plt.close(figure)
 
 
+    def plot_interference(self, ev: dict) -> None:
+        """Accuracy and causal effect per method under each condition (the interference table, as bars)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        methods = [m for m in METHODS if f"interference-{m}-s0" in ev]
+        if not methods:
+            return
+        conditions = [("UF", ""), ("MD", ""), ("RP", "-text"), ("FB", "-text"), ("FW", "-text")]
+        figure, axes = plt.subplots(1, 2, figsize=(12, 4))
+        width = 0.8 / len(methods)
+        for index, method in enumerate(methods):
+            cells = [ev.get(f"interference-{method}-s0{suffix}", {}).get("interference", {}).get(code, {})
+                     for code, suffix in conditions]
+            x = np.arange(len(conditions)) + (index - (len(methods) - 1) / 2) * width
+            for axis, key in zip(axes, ("accuracy_perturbed", "causal_effect")):
+                axis.bar(x, [_nan(cell.get(key)) for cell in cells], width, label=method)
+        for axis, title in zip(axes, ("accuracy under the perturbation", "causal effect (share of answers that change)")):
+            axis.set_xticks(range(len(conditions)), [f"{code}\n({'easy-vqa' if not suffix else 'word_math'})"
+                                                     for code, suffix in conditions], fontsize=8)
+            axis.set_title(title, fontsize=10)
+            axis.set_ylim(0, 1)
+        axes[0].legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(self.out / "interference.png", dpi=90)
+        plt.close(figure)
+
+
 def _nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
@@ -427,12 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one seed, tiny budgets: the pipeline in a few minutes")
     parser.add_argument("--out", type=Path, help="working folder (default: out/robustness_e2e[_quick])")
     parser.add_argument("--seeds", help="comma-separated training seeds (default: 0,1,2; --quick: 0)")
-    parser.add_argument("--part", choices=("all", "redundancy", "interference"), default="all",
-                        help="only the baseline + redundancy models, or only the interference models (results-PART.json); "
-                             "two processes can share the work, and a final `all` run assembles every table")
-    parser.add_argument("--only", help="with --part redundancy: only these of text-only, r25, r50, mi_gate (comma-separated)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="models trained at once, each in its own process (default: 2, or 1 on one core)")
     parser.add_argument("--assemble", action="store_true",
                         help="train and evaluate nothing: collect the outputs that exist into the tables (and the README)")
+    parser.add_argument("--task", help=argparse.SUPPRESS)  # a worker of --jobs: train and evaluate this one model
     args = parser.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
     if args.seeds:
@@ -442,13 +534,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    bench = Bench(out, settings, args.quick, args.part)
+    bench = Bench(out, settings, args.quick, worker=args.task is not None)
+    if args.task:
+        bench.do(args.task)
+        return 0
     bench.assemble = args.assemble
-    if args.only:
-        bench.only = set(args.only.split(","))
-        bench.results_path = out / f"results-{args.part}-{args.only.replace(',', '-')}.json"
-    bench.run(args.part)
-    return 0
+    return bench.run(args.jobs)
 
 
 if __name__ == "__main__":

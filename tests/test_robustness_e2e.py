@@ -14,7 +14,7 @@ from conftest import load_bench
 def test_quick_run_records_every_step_and_resumes_without_redoing_any(tmp_path):
     bench = load_bench("robustness_e2e")
     out = tmp_path / "e2e"
-    assert bench.main(["--quick", "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--out", str(out), "--jobs", "2"]) == 0
     results = json.loads((out / "results.json").read_text())
 
     mixtures = results["mixtures"]
@@ -53,7 +53,8 @@ def test_quick_run_records_every_step_and_resumes_without_redoing_any(tmp_path):
         assert f"| {name} |" in results["table_redundancy"]
     for method in bench.METHODS:
         assert f"| {method} |" in results["table_interference"]
-    assert "text-only" in results["table_baseline"] and (out / "redundancy_dp.png").is_file()
+    assert "text-only" in results["table_baseline"] and (out / "redundancy_dp.png").is_file() and (out / "interference.png").is_file()
+    assert set(results["task_seconds"]) == models  # every task ran in its own worker process (--jobs 2 by default)
     assert not any((out / "models").glob("*/checkpoints"))  # the run removes its own checkpoints
 
     # a second run finds every output and redoes nothing
