@@ -187,6 +187,17 @@ def test_a_resumed_ingest_reads_only_unfinished_shards_and_skips_their_done_rows
     assert sorted(ids) == [*(f"cauldron:ai2d:train:{i}" for i in range(5)), "cauldron:chartqa:train:0"]
 
 
+def test_subsets_without_a_category_are_ingested_and_named(tmp_path):
+    cauldron_parquet(tmp_path / "src" / "ai2d" / "train-00000-of-00001.parquet", [([png()], qa("a", "1"))])
+    cauldron_parquet(tmp_path / "src" / "made_up" / "train-00000-of-00001.parquet", [([png()], qa("b", "2"))] * 2)
+    store = Store(tmp_path / "store")
+    report = ingest(store, ParquetFolderSource(tmp_path / "src"), progress=False)
+    assert report.written == 3 and report.unmapped_subsets == {"made_up"}
+    categories = {r["sample_id"]: r["category"] for r in store.arrow("samples").to_pylist()}
+    assert categories == {"cauldron:ai2d:train:0": "Reasoning/Math/Logic", "cauldron:made_up:train:0": None,
+                          "cauldron:made_up:train:1": None}
+
+
 def test_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a local path nor a hub dataset id"):
         resolve_source("no_such_thing")
