@@ -41,7 +41,8 @@ EXAMPLES = {
     "ingest": ["engine ingest sample",
                "engine ingest easy_vqa --split all",
                "engine ingest data/finevision --name finevision",
-               "engine ingest HuggingFaceM4/the_cauldron --subset ai2d --subset chartqa"],
+               "engine ingest HuggingFaceM4/the_cauldron --subset ai2d --subset chartqa",
+               "engine ingest data/finevision --name finevision --executor ray --workers 8"],
     "build": ["engine build recipes/cauldron_r50.yaml",
               "engine build cauldron_r50          # a shipped recipe by name (also from a wheel install)",
               "engine build recipes/cauldron_r50.yaml --set mixture.budget=2000 --set output.path=data/mixtures/small",
@@ -171,7 +172,11 @@ def executor_options(command):
         from engine.stages.executors.ray import RayUnavailable
 
         try:
-            return command(*args, executor=executor_for("ray", address=ray_address, workers=workers), **kwargs)
+            ray_executor = executor_for("ray", address=ray_address, workers=workers)
+            try:
+                return command(*args, executor=ray_executor, **kwargs)
+            finally:
+                ray_executor.close()
         except RayUnavailable as error:
             raise Fail(str(error)) from None
 
@@ -198,12 +203,13 @@ def executor_options(command):
 @click.option("--batch-rows", default=512, show_default=True, help="rows per commit")
 @click.option("--max-image-mb", type=click.FloatRange(min=0, min_open=True), default=64, show_default=True,
               envvar="ENGINE_MAX_IMAGE_MB", help="reject a row with an image larger than this (or ENGINE_MAX_IMAGE_MB)")
+@executor_options
 @quiet_option()
 @click.pass_context
-def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, max_image_mb, quiet):
+def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, max_image_mb, executor, quiet):
     """Ingest SOURCE: `sample` (bundled, offline), `easy_vqa`, a Parquet/`save_to_disk` folder in the
     Cauldron schema, or a hub dataset id such as HuggingFaceM4/the_cauldron. Resumes where a killed
-    run stopped."""
+    run stopped. With --executor ray, the source's shards (files, splits, subsets) are read in parallel."""
     from engine.ingest import resolve_source
     from engine.stages.ingest import ingest as run_ingest
     from engine.stages.ingest import ingest_sample
@@ -212,10 +218,11 @@ def ingest(ctx, source, name, subsets, split, sample_dir, batch_rows, max_image_
     max_image_bytes = int(max_image_mb * (1 << 20))
     try:
         if source == "sample":
-            report = ingest_sample(store, sample_dir, progress=not quiet, max_image_bytes=max_image_bytes)
+            report = ingest_sample(store, sample_dir, progress=not quiet, max_image_bytes=max_image_bytes,
+                                   executor=executor)
         else:
             report = run_ingest(store, resolve_source(source, name, list(subsets) or None, split), batch_rows,
-                                progress=not quiet, max_image_bytes=max_image_bytes)
+                                progress=not quiet, max_image_bytes=max_image_bytes, executor=executor)
     except (FileNotFoundError, ValueError, ConnectionError) as error:  # ConnectionError: the hub is unreachable
         raise Fail(str(error)) from None
     click.echo(f"{report.written} rows written, {report.rejected} rejected, {report.skipped} already present "

@@ -140,6 +140,64 @@ def test_a_killed_ingest_resumes_without_duplicates(tmp_path):
     assert len(ids) == n and len(set(ids)) == n
 
 
+def test_a_parquet_folder_is_one_shard_per_file_numbered_on_across_a_subset(tmp_path):
+    cauldron_parquet(tmp_path / "src" / "ai2d" / "train-00000-of-00002.parquet", [([png()], qa("a", "1"))] * 3)
+    cauldron_parquet(tmp_path / "src" / "ai2d" / "train-00001-of-00002.parquet", [([png()], qa("b", "2"))] * 2)
+    cauldron_parquet(tmp_path / "src" / "chartqa" / "train-00000-of-00001.parquet", [([png()], qa("c", "3"))])
+    source = ParquetFolderSource(tmp_path / "src")
+    shards = source.shards()
+    assert [(s.reader.path.name, s.prefix, s.start, s.count) for s in shards] == [
+        ("train-00000-of-00002.parquet", "cauldron:ai2d:train:", 0, 3),
+        ("train-00001-of-00002.parquet", "cauldron:ai2d:train:", 3, 2),
+        ("train-00000-of-00001.parquet", "cauldron:chartqa:train:", 0, 1)]
+    read = [source.sample_id(raw) for shard in shards for raw in shard.reader.rows()]
+    assert read == [source.sample_id(raw) for raw in source.rows()] == [
+        *(f"cauldron:ai2d:train:{i}" for i in range(5)), "cauldron:chartqa:train:0"]
+    easy = EasyVQASource(splits=("train", "test"), limit=7).shards()
+    assert [(s.reader.splits, s.prefix, s.start, s.count) for s in easy] == [
+        (("train",), "easy_vqa:easy_vqa:train:", 0, 7), (("test",), "easy_vqa:easy_vqa:test:", 0, 7)]
+
+
+def test_a_resumed_ingest_reads_only_unfinished_shards_and_skips_their_done_rows(tmp_path):
+    """A shard done to its last row is not handed to the executor again; an unfinished one is handed over
+    with the ids done among its own rows, which its worker skips without checking them again."""
+    from engine.stages.executors.local import LocalExecutor
+
+    class Recording(LocalExecutor):
+        handed: list = []
+
+        def stream(self, work, items):
+            items = list(items)
+            self.handed.extend((shard.reader.path.parent.name, shard.reader.path.name, sorted(done.to_pylist()))
+                               for shard, done in items)
+            return super().stream(work, items)
+
+    cauldron_parquet(tmp_path / "src" / "ai2d" / "train-00000-of-00002.parquet", [([png()], qa("a", "1"))] * 3)
+    cauldron_parquet(tmp_path / "src" / "ai2d" / "train-00001-of-00002.parquet", [([png()], qa("b", "2"))] * 2)
+    cauldron_parquet(tmp_path / "src" / "chartqa" / "train-00000-of-00001.parquet",
+                     [([png()], qa("c", "3")), ([b"broken"], qa("d", "4"))])
+    store = Store(tmp_path / "store")
+    ingest(store, ParquetFolderSource(tmp_path / "src"), progress=False)
+    store.table("samples").delete("sample_id in ('cauldron:ai2d:train:4', 'cauldron:chartqa:train:0')")
+    again = ingest(store, ParquetFolderSource(tmp_path / "src"), progress=False, executor=Recording())
+    assert Recording.handed == [("ai2d", "train-00001-of-00002.parquet", ["cauldron:ai2d:train:3"]),
+                                ("chartqa", "train-00000-of-00001.parquet", ["cauldron:chartqa:train:1"])]
+    assert (again.written, again.rejected, again.skipped) == (2, 0, 5)
+    ids = store.arrow("samples", ["sample_id"]).column("sample_id").to_pylist()
+    assert sorted(ids) == [*(f"cauldron:ai2d:train:{i}" for i in range(5)), "cauldron:chartqa:train:0"]
+
+
+def test_subsets_without_a_category_are_ingested_and_named(tmp_path):
+    cauldron_parquet(tmp_path / "src" / "ai2d" / "train-00000-of-00001.parquet", [([png()], qa("a", "1"))])
+    cauldron_parquet(tmp_path / "src" / "made_up" / "train-00000-of-00001.parquet", [([png()], qa("b", "2"))] * 2)
+    store = Store(tmp_path / "store")
+    report = ingest(store, ParquetFolderSource(tmp_path / "src"), progress=False)
+    assert report.written == 3 and report.unmapped_subsets == {"made_up"}
+    categories = {r["sample_id"]: r["category"] for r in store.arrow("samples").to_pylist()}
+    assert categories == {"cauldron:ai2d:train:0": "Reasoning/Math/Logic", "cauldron:made_up:train:0": None,
+                          "cauldron:made_up:train:1": None}
+
+
 def test_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a local path nor a hub dataset id"):
         resolve_source("no_such_thing")

@@ -1,5 +1,6 @@
 """``--executor ray``: the same stages on a Ray cluster give the same rows as the local executor, resume
-exactly once after a kill, spread over nodes, and fail with one clear line.
+exactly once after a kill, spread over nodes, and fail with one clear line; ingest reads a source's shards
+on Ray and commits the same store as a local ingest.
 
 One Ray cluster serves the whole module: two simulated nodes of one CPU each (``ray.cluster_utils.Cluster``),
 so every Ray test here also runs across nodes. Skipped when the ``ray`` extra is not installed.
@@ -8,6 +9,7 @@ so every Ray test here also runs across nodes. Skipped when the ``ray`` extra is
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from engine.stages.executors.local import LocalExecutor  # noqa: E402
 from engine.stages.executors.ray import RayExecutor, RayUnavailable  # noqa: E402
 
 from click.testing import CliRunner  # noqa: E402
-from conftest import REPO, killed_caption_run_resumes_exactly_once  # noqa: E402
+from conftest import REPO, cauldron_parquet, kill_after_commits, killed_caption_run_resumes_exactly_once, png, qa  # noqa: E402
 from engine.cli import main  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test stages travel to the actors by value
@@ -182,3 +184,113 @@ def test_the_cli_says_in_one_line_what_is_wrong(small_store):
     result = CliRunner().invoke(main, ["--store", str(small_store.root), "embed", "--model", "classical", "--modality",
                                        "image", "--workers", "2"])
     assert result.exit_code == 2 and "--workers is for --executor ray" in result.output
+
+
+def test_an_address_that_accepts_connections_but_is_no_gcs_fails_within_seconds(tmp_path):
+    """A port that accepts TCP and says nothing (not a Ray GCS): the command fails in seconds, in one line
+    naming the address, rather than after ray.init's minutes of retries."""
+    import socket
+    import time
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "engine.cli", "--store", str(tmp_path / "store"), "ingest", "sample",
+                               "--sample-dir", str(tmp_path / "sample"), "--executor", "ray", "--ray-address", address],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+        took = time.perf_counter() - started
+    assert done.returncode == 2 and took < 10
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert lines == [f"error: {address} accepts connections but is not a Ray cluster's GCS (no gRPC answer within 3 s); "
+                     "give the head node's GCS port (6379 unless `ray start --head --port` said otherwise)"]
+    assert not (tmp_path / "sample").exists()  # nothing ran
+
+
+# -- ingest: a source's shards on Ray ------------------------------------------------------------------------------
+def committed(store, table: str) -> pa.Table:
+    """A table as committed, in commit order, without the run id (which differs between two runs)."""
+    return store.arrow(table).drop_columns(["run_id"])
+
+
+def test_ingest_of_the_sample_on_ray_commits_the_local_store(ray_cluster, tmp_path):
+    from engine.ingest.sample import write_sample
+    from engine.store import Store
+
+    write_sample(tmp_path / "sample", scale=0.1)
+    local, remote = Store(tmp_path / "local"), Store(tmp_path / "remote")
+    args = ["ingest", "sample", "--sample-dir", str(tmp_path / "sample"), "--batch-rows", "64"]
+    out = run(local, *args)
+    same = re.sub(r"\(run ingest-[^)]*\)", "", out)  # the summary, less the run id and the store
+    assert re.sub(r"\(run ingest-[^)]*\)", "", run(remote, *args, "--executor", "ray", "--workers", "2")) == same
+    assert out.startswith("380 rows written, 5 rejected, 0 already present")
+    for table in ("samples", "rejects", "captions"):  # the same rows, in the same order (shard, then row)
+        assert committed(remote, table).equals(committed(local, table)), table
+    config = remote.arrow("runs").filter(pa.compute.equal(remote.arrow("runs")["stage"], "ingest"))["config"][0].as_py()
+    assert '"executor": "ray"' in config and '"shards": 9' in config
+
+
+def bad_rows_folder(root) -> None:
+    """Two subsets, three files, rows that number on across a subset's files, and a bad row in each file."""
+    good = png(10, 10)
+    cauldron_parquet(root / "ai2d" / "train-00000-of-00002.parquet",
+                     [([png(10, 10, (i, 9, 9))], qa(f"q{i}", f"a{i}")) for i in range(5)] + [([b"not an image"], qa("q", "a"))])
+    cauldron_parquet(root / "ai2d" / "train-00001-of-00002.parquet",
+                     [([good], qa("q6", "a6")), ([good], qa("q7", "")), ([good], qa("q8", "a8"))])
+    cauldron_parquet(root / "chartqa" / "train-00000-of-00001.parquet",
+                     [([b""], qa("q0", "a0"))] + [([png(12, 8, (0, i, 0))], qa(f"c{i}", f"b{i}")) for i in range(1, 7)])
+
+
+def test_ingest_of_a_parquet_folder_with_bad_rows_on_ray_commits_the_local_store(ray_cluster, tmp_path):
+    from engine.store import Store
+
+    bad_rows_folder(tmp_path / "src")
+    local, remote = Store(tmp_path / "local"), Store(tmp_path / "remote")
+    args = ["ingest", str(tmp_path / "src"), "--batch-rows", "3"]
+    run(local, *args)
+    out = run(remote, *args, "--executor", "ray", "--workers", "2")
+    assert out.startswith("13 rows written, 3 rejected, 0 already present")
+    for table in ("samples", "rejects"):
+        assert committed(remote, table).equals(committed(local, table)), table
+    assert remote.arrow("samples")["sample_id"].to_pylist() == [
+        *(f"cauldron:ai2d:train:{i}" for i in (0, 1, 2, 3, 4, 6, 8)), *(f"cauldron:chartqa:train:{i}" for i in range(1, 7))]
+    assert [(r["sample_id"], r["reason"]) for r in remote.arrow("rejects").to_pylist()] == [
+        ("cauldron:ai2d:train:5", remote.arrow("rejects")["reason"][0].as_py()),
+        ("cauldron:ai2d:train:7", "turn 0 has no answer"), ("cauldron:chartqa:train:0", "image 0: image is empty")]
+    assert remote.arrow("rejects")["reason"][0].as_py().startswith("image 0: image cannot be decoded")
+    again = run(remote, *args, "--executor", "ray", "--workers", "2")  # everything done: no shard is read again
+    assert again.startswith("0 rows written, 0 rejected, 16 already present")
+
+
+def test_a_source_error_in_a_ray_ingest_is_one_line(ray_cluster, tmp_path):
+    import pyarrow.parquet as pq
+
+    bad_rows_folder(tmp_path / "src")
+    pq.write_table(pa.table({"texts": ["no images column"]}), tmp_path / "src" / "chartqa" / "train-00000-of-00001.parquet")
+    result = CliRunner().invoke(main, ["--store", str(tmp_path / "store"), "ingest", str(tmp_path / "src"), "--executor",
+                                       "ray", "--workers", "2", "--quiet"])
+    path = tmp_path / "src" / "chartqa" / "train-00000-of-00001.parquet"
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == f"error: {path}: not in the Cauldron schema, missing column(s) ['images']"
+
+
+@pytest.mark.slow
+def test_a_killed_ray_ingest_resumes_with_every_row_once(ray_cluster, tmp_path):
+    from engine.store import Store
+
+    files, rows = 4, 600
+    for f in range(files):
+        cauldron_parquet(tmp_path / "src" / "textvqa" / f"train-{f:05d}-of-{files:05d}.parquet",
+                         [([png(6, 6, (i % 256, f, 0))], qa(f"question {f}.{i}", f"answer {i}")) for i in range(rows)])
+    store_path = tmp_path / "store"
+    command = [sys.executable, "-m", "engine.cli", "--store", str(store_path), "ingest", str(tmp_path / "src"),
+               "--batch-rows", "8", "--quiet", "--executor", "ray", "--ray-address", ray_cluster, "--workers", "2"]
+    kill_after_commits(command, store_path / "samples.lance", commits=5)
+    partial = Store(store_path).table("samples").count_rows()
+    assert 0 < partial < files * rows
+    again = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.startswith(f"{files * rows - partial} rows written, 0 rejected, {partial} already present")
+    ids = Store(store_path).arrow("samples", ["sample_id"]).column("sample_id").to_pylist()
+    assert len(ids) == files * rows == len(set(ids))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.ingest.source import RawRow, Source
+from engine.ingest.source import RawRow, Shard, Source
 
 READ_BATCH = 64
 
@@ -102,23 +102,49 @@ class ParquetFolderSource(Source):
             raise FileNotFoundError(f"no Parquet files for split {split!r} under {self.root}")
 
     def total(self) -> int:
-        return sum(pq.ParquetFile(path).metadata.num_rows for path, _ in self.files)
+        return sum(shard.count for shard in self.shards())
 
     def config(self) -> dict:
         return {"source": self.name, "root": str(self.root), "split": self.split, "files": [str(p) for p, _ in self.files]}
 
-    def rows(self) -> Iterator[RawRow]:
-        counters: dict[str, int] = {}
+    def shards(self) -> list[Shard]:
+        """One shard per file; a subset's rows number on across its files, so a file's first row is the
+        count of the rows before it in its subset (from the files' footers, without reading rows)."""
+        shards, counters = [], {}
         for path, subset in self.files:
-            handle = pq.ParquetFile(path)
-            wanted = [c for c in ("images", "texts", "label") if c in handle.schema_arrow.names]
-            missing = {"images", "texts"} - set(wanted)
-            if missing:
-                raise ValueError(f"{path}: not in the Cauldron schema, missing column(s) {sorted(missing)}")
-            for batch in handle.iter_batches(batch_size=READ_BATCH, columns=wanted):
-                start = counters.get(subset, 0)
-                yield from _rows_of(batch, subset, self.split, start)
-                counters[subset] = start + batch.num_rows
+            start, count = counters.get(subset, 0), pq.ParquetFile(path).metadata.num_rows
+            shards.append(Shard(ParquetFileSource(path, subset, self.split, self.name, start),
+                                f"{self.name}:{subset}:{self.split}:", start, count))
+            counters[subset] = start + count
+        return shards
+
+    def rows(self) -> Iterator[RawRow]:
+        for shard in self.shards():
+            yield from shard.reader.rows()
+
+
+class ParquetFileSource(Source):
+    """One Parquet file of a ``ParquetFolderSource``: its rows, numbered from ``start`` (a shard)."""
+
+    def __init__(self, path: str | Path, subset: str, split: str, name: str, start: int = 0):
+        self.path, self.subset, self.split, self.name, self.start = Path(path), subset, split, name, start
+
+    def total(self) -> int:
+        return pq.ParquetFile(self.path).metadata.num_rows
+
+    def config(self) -> dict:
+        return {"source": self.name, "file": str(self.path), "subset": self.subset, "split": self.split, "start": self.start}
+
+    def rows(self) -> Iterator[RawRow]:
+        handle = pq.ParquetFile(self.path)
+        wanted = [c for c in ("images", "texts", "label") if c in handle.schema_arrow.names]
+        missing = {"images", "texts"} - set(wanted)
+        if missing:
+            raise ValueError(f"{self.path}: not in the Cauldron schema, missing column(s) {sorted(missing)}")
+        row = self.start
+        for batch in handle.iter_batches(batch_size=READ_BATCH, columns=wanted):
+            yield from _rows_of(batch, self.subset, self.split, row)
+            row += batch.num_rows
 
 
 class HubSource(Source):
@@ -139,6 +165,12 @@ class HubSource(Source):
 
     def config(self) -> dict:
         return {"source": self.name, "location": self.location, "subsets": self.subsets, "split": self.split}
+
+    def shards(self) -> list[Shard]:
+        """One shard per subset (its rows number from 0); how many rows a streamed subset has is not known
+        before reading it."""
+        return [Shard(HubSource(self.location, self.name, [subset], self.split), f"{self.name}:{subset}:{self.split}:")
+                for subset in self.subsets]
 
     def _open(self, subset: str):
         import datasets

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator
 from functools import cache
 
-from engine.ingest.source import RawRow, Source
+from engine.ingest.source import RawRow, Shard, Source
 
 SPLITS = ("train", "test")
 CAPTIONER = "easy-vqa-annotations"
@@ -71,7 +71,15 @@ class EasyVQASource(Source):
         self.limit = limit
 
     def total(self) -> int:
-        return sum(min(len(questions(s)[0]), self.limit or 10**9) for s in self.splits)
+        return sum(self._rows(split) for split in self.splits)
+
+    def _rows(self, split: str) -> int:
+        return min(len(questions(split)[0]), 10**18 if self.limit is None else self.limit)
+
+    def shards(self) -> list[Shard]:
+        """One shard per split."""
+        return [Shard(EasyVQASource((split,), self.limit), f"{self.name}:easy_vqa:{split}:", 0, self._rows(split))
+                for split in self.splits]
 
     def config(self) -> dict:
         return {"source": self.name, "splits": list(self.splits), "limit": self.limit}

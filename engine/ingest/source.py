@@ -1,6 +1,6 @@
-"""What a source is: something that yields raw rows (``Source``, ``RawRow``), and the check that turns a raw
-row into the columns of ``samples`` or a reject reason (``check_row``). The ingest stage
-(``engine.stages.ingest``) runs sources into the store."""
+"""What a source is: something that yields raw rows (``Source``, ``RawRow``) and says which parts of it can be
+read on their own (``Shard``), and the check that turns a raw row into the columns of ``samples`` or a reject
+reason (``check_row``). The ingest stage (``engine.stages.ingest``) runs sources into the store."""
 
 from __future__ import annotations
 
@@ -30,6 +30,23 @@ class RawRow:
     error: str | None = None
 
 
+@dataclass
+class Shard:
+    """A part of a source that can be read on its own, in another process: ``reader.rows()`` yields its rows
+    (``reader`` is a picklable ``Source``), and a source's shards, read one after the other, yield exactly
+    the rows of ``Source.rows()`` in the same order.
+
+    When the shard knows which ids it holds (``{prefix}{row}`` for ``row`` from ``start``, ``count`` of them;
+    ``count`` None: not known without reading), the ingest driver hands its worker only the done ids among
+    them, and a shard done to its last row is not read at all.
+    """
+
+    reader: "Source"
+    prefix: str | None = None
+    start: int = 0
+    count: int | None = None
+
+
 class Source(ABC):
     """Something rows can be ingested from. Subclasses say what they read and yield ``RawRow``s in a
     stable order, so that ``{source}:{subset}:{split}:{row}`` names the same row on every run."""
@@ -43,6 +60,11 @@ class Source(ABC):
     def total(self) -> int | None:
         """Number of rows, when known cheaply (for the progress bar)."""
         return None
+
+    def shards(self) -> list[Shard]:
+        """The parts of the source that can be read in parallel, in order (a source that has no natural
+        parts is one shard: itself)."""
+        return [Shard(self, count=self.total())]
 
     def config(self) -> dict:
         """What the run read, for the ``runs`` table."""

@@ -23,9 +23,9 @@ Contract (the local and the Ray executor both keep it)
   once, whichever executor ran it. It also writes the rejects (once per sample, stage and reason, see
   ``engine.rejects``), the ``runs`` record, the progress bar, and returns the summary (``StageReport``).
 
-Commands whose rows come from elsewhere land them through the same pieces: ingest (a source's rows,
-``engine.stages.ingest``) through ``commit_outputs`` and ``finish_run``; score and gate (computed over a
-whole selection at once) through ``write_run``.
+Commands whose rows come from elsewhere land them through the same pieces: ingest (a source's shards, read
+by ``Executor.stream`` and yielded in shard order, ``engine.stages.ingest``) through ``commit_outputs`` and
+``finish_run``; score and gate (computed over a whole selection at once) through ``write_run``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import datetime as dt
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
@@ -251,8 +251,17 @@ def reject(sample_id: str, reason: str) -> dict:
 
 # -- executors ---------------------------------------------------------------------------------------
 class Executor(Protocol):
+    name: str
+
+    def close(self) -> None:
+        """Release what the executor holds (Ray: the connection it made), once a command is done with it."""
+
     def run(self, stage: Stage, selection: pa.Table, reader: Reader | None, batch_rows: int) -> Iterator[StageOutput]:
         """Process ``selection`` in slices of ``batch_rows``; one output per slice, in selection order."""
+
+    def stream(self, work: Callable[[object], Iterator[StageOutput]], items: Iterable) -> Iterator[StageOutput]:
+        """Run ``work`` (a picklable function) on each item, several items at once where the executor can;
+        yield the outputs in item order, each item's in the order ``work`` yields them (ingest's shards)."""
 
 
 # -- commits -----------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ stage's ``setup()`` once (a model loads once per actor; a GPU stage's actor hold
 transformers sees one GPU of its own), reads its rows' images by position through the picklable ``reader``, and
 runs ``process()``. The outputs come back to the driver and are yielded in selection order; the runner commits
 them, alone, at its usual cadence, so a Ray run killed at any point and started again does every row once,
-exactly as a local run.
+exactly as a local run. Ingest's shards run on plain Ray tasks (``RayExecutor.stream``): each shard is one
+task that streams its outputs back.
 
 Ray is imported only here, and this module only when ``--executor ray`` is asked for.
 """
@@ -20,6 +21,7 @@ import os
 import pickle
 import socket
 import warnings
+from collections import deque
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -34,14 +36,35 @@ class RayUnavailable(RuntimeError):
 def _import_ray():
     try:
         import ray
-        import ray.data  # noqa: F401  (Ray Data is the ``data`` extra of ray)
     except ImportError as error:
-        raise RayUnavailable('--executor ray needs Ray Data: pip install -e ".[ray]"') from error
+        raise RayUnavailable('--executor ray needs Ray: pip install -e ".[ray]"') from error
     return ray
 
 
+def _import_ray_data() -> None:
+    """Ray Data (the ``data`` extra of ray), which the stages' pool runs on; ingest's tasks need only Ray."""
+    try:
+        import ray.data  # noqa: F401
+    except ImportError as error:
+        raise RayUnavailable('--executor ray needs Ray Data: pip install -e ".[ray]"') from error
+
+
+GCS_PROBE_S = 3.0  # how long a cluster's GCS may take to answer the probe of ``_check_address``
+# an HTTP/2 client's connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5)
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def _check_address(address: str) -> None:
-    """Fail fast with one line when ``host:port`` does not answer (``ray.init`` would retry for minutes)."""
+    """Fail fast with one line when ``host:port`` is not a Ray cluster: nothing answers there, or something
+    answers that is not a GCS. ``ray.init`` would retry for minutes either way: it tries to reach the GCS
+    ``RAY_NUM_REDIS_GET_RETRIES`` (20) times, each waiting ``py_gcs_connect_timeout_s`` (30 s) for a reply.
+
+    A GCS is a gRPC server, and a gRPC server answers an HTTP/2 client's preface with its own SETTINGS frame
+    at once: a port that accepts the connection but sends no such frame within ``GCS_PROBE_S`` (a plain TCP
+    listener, the dashboard's HTTP port, another service) is not a GCS. Not probed: ``ray://`` addresses
+    (the Ray Client server, which ``ray.init`` reaches with its own time-outs) and clusters that speak TLS
+    (``RAY_USE_TLS``), whose servers wait for a TLS handshake first.
+    """
     if address == "auto":
         return  # Ray finds the cluster this machine belongs to, and says so clearly when there is none
     target = address.removeprefix("ray://")
@@ -49,9 +72,31 @@ def _check_address(address: str) -> None:
     if not sep or not host or not port.isdigit():
         raise RayUnavailable(f"--ray-address {address!r} is not host:port (or ray://host:port, or auto)")
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        with socket.create_connection((host, int(port)), timeout=5) as connection:
+            probe = not address.startswith("ray://") and os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true")
+            if probe and not _answers_http2(connection):
+                raise RayUnavailable(f"{address} accepts connections but is not a Ray cluster's GCS (no gRPC answer "
+                                     f"within {GCS_PROBE_S:g} s); give the head node's GCS port (6379 unless "
+                                     f"`ray start --head --port` said otherwise)")
     except OSError as error:
         raise RayUnavailable(f"no Ray cluster answers at {address} ({error.strerror or error})") from None
+
+
+def _answers_http2(connection: socket.socket) -> bool:
+    """Whether the server at the other end of ``connection`` answers an HTTP/2 preface with a SETTINGS
+    frame (a frame header is 9 bytes; byte 3 is the frame type, 4 for SETTINGS) within ``GCS_PROBE_S``."""
+    connection.settimeout(GCS_PROBE_S)
+    try:
+        connection.sendall(_HTTP2_PREFACE)
+        header = b""
+        while len(header) < 9:
+            part = connection.recv(9 - len(header))
+            if not part:
+                return False  # closed without a frame
+            header += part
+    except OSError:  # socket.timeout included: silence
+        return False
+    return header[3] == 4
 
 
 def connect(address: str | None = None, workers: int | None = None, **local_options):
@@ -149,12 +194,29 @@ class RayExecutor:
         if address:
             _check_address(address)  # before any work: a command fails at once on a wrong address
         self.workers, self.address = workers, address
+        self._ray = None  # set when this executor connected the process to Ray (``close`` disconnects it)
+
+    def _connect(self):
+        """``connect``, noting whether this executor made the connection (a process already connected, say
+        by a test, stays connected after ``close``)."""
+        ray = _import_ray()
+        if not ray.is_initialized():
+            self._ray = ray
+        return connect(self.address, self.workers)
+
+    def close(self) -> None:
+        """Disconnect from Ray (stopping a local Ray this executor started), if this executor connected.
+        A command calls it when it ends: Ray's own exit hook would do the same after sleeping half a second."""
+        if self._ray is not None:
+            self._ray.shutdown()
+            self._ray = None
 
     def run(self, stage, selection: pa.Table, reader, batch_rows: int) -> Iterator:
         """Yield the stage's ``StageOutput`` for each ``batch_rows`` rows of ``selection``, in selection order."""
         if len(selection) == 0:
             return
-        ray = connect(self.address, self.workers)
+        ray = self._connect()
+        _import_ray_data()
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the runner shows one progress bar, whichever executor runs
         context.print_on_execution_start = False
@@ -184,6 +246,53 @@ class RayExecutor:
                                  f"{self.start_timeout_s} s (it has {_resources(ray)})") from None
         except ray.exceptions.RayError as error:
             raise _user_error(error) from None
+
+    def stream(self, work, items) -> Iterator:
+        """``work(item)``'s outputs for each item (ingest's shards), each item on a Ray task of one CPU, as
+        many at once as ``workers`` (default: the cluster's CPUs; never more than it has, so that the task
+        whose outputs are due next is always running); yielded in item order, each item's in its own order.
+
+        A task streams its outputs (a Ray streaming generator) and pauses once ``STREAM_AHEAD`` of them wait
+        unread: a task that runs ahead of the one being read holds a bounded amount of memory.
+        """
+        items = iter(items)
+        first = next(items, _END)
+        if first is _END:
+            return
+        ray = self._connect()
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        at_once = min(self.workers or cpus, cpus)
+        task = ray.remote(num_cpus=1, num_returns="streaming",
+                          _generator_backpressure_num_objects=STREAM_AHEAD)(_stream_work)
+        running = deque([task.remote(work, first)])
+        try:
+            while running:
+                while len(running) < at_once and (item := next(items, _END)) is not _END:
+                    running.append(task.remote(work, item))
+                for ref in running[0]:
+                    output = ray.get(ref)
+                    if isinstance(output, Exception):
+                        raise output
+                    yield output
+                running.popleft()
+        except ray.exceptions.RayError as error:
+            raise _user_error(error) from None
+        finally:
+            for generator in running:  # after an error, or a consumer that stopped early
+                ray.cancel(generator)
+
+
+_END = object()
+STREAM_AHEAD = 4  # outputs a streaming task may hold unread before it pauses
+
+
+def _stream_work(work, item):
+    """A Ray task of ``RayExecutor.stream``: ``work(item)``'s outputs, or the exception it raised (yielded
+    as a value, so the driver raises it as it was, not wrapped by Ray)."""
+    try:
+        yield from work(item)
+    except Exception as error:
+        yield _picklable(error)
 
 
 TASKS_PER_WORKER = 4  # enough for each actor to have its next task queued while it works on one
