@@ -317,8 +317,9 @@ class Bench:
         self.base_model()
         failed = self.schedule(jobs) if jobs > 1 and not self.assemble else []
         for task, _ in self.plan():  # in this process: does what is left (jobs 1), else records the workers' outputs
-            with self.step():
-                self.do(task) if task not in failed else None
+            if task not in failed:
+                with self.step():
+                    self.do(task)
         self.table_baseline()
         self.table_redundancy()
         self.table_interference()
