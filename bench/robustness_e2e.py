@@ -55,9 +55,9 @@ MODEL_SIZE = dict(text=dict(hidden_size=128, intermediate_size=256, num_hidden_l
 
 FULL = dict(budget=20000, warm_steps=600, steps=800, interference_steps=150, batch=32, warm_lr=3e-3, lr=1e-3,
             interference_lr=5e-4, test_where="split = 'test' and source = 'easy_vqa' and hash(sample_id) % 32 = 0",
-            severities="1,2,3,4,5", seeds=(0, 1, 2), word_math_holdout=5, score_where="source = 'easy_vqa' and split = 'train'")
+            severities="1,2,3,4,5", seeds=(0, 1, 2), interference_seeds=(0,), word_math_holdout=5, score_where="source = 'easy_vqa' and split = 'train'")
 QUICK = dict(budget=400, warm_steps=4, steps=4, interference_steps=2, batch=8, warm_lr=3e-3, lr=1e-3, interference_lr=5e-4,
-             test_where="split = 'test' and source = 'easy_vqa' and hash(sample_id) % 600 = 0", severities="1,5", seeds=(0,),
+             test_where="split = 'test' and source = 'easy_vqa' and hash(sample_id) % 600 = 0", severities="1,5", seeds=(0,), interference_seeds=(0,),
              word_math_holdout=5, score_where="source = 'easy_vqa' and split = 'train' and hash(sample_id) % 40 = 0")
 
 
@@ -237,8 +237,9 @@ class Bench:
         for seed in self.s["seeds"]:
             warm, r0 = f"warm-s{seed}", f"r0-s{seed}"
             tasks += [(warm, ()), (r0, (warm,))]
-            if seed == first:
+            if seed in self.s["interference_seeds"]:
                 tasks += [(f"interference-{row}-s{seed}", (r0,)) for row in INTERFERENCE]
+            if seed == first:
                 tasks.append((f"text-only-s{seed}", ()))
             tasks += [(f"{name}-s{seed}", (warm,)) for name in REDUNDANCY[1:]]
         return tasks
@@ -394,27 +395,47 @@ class Bench:
         self.publish()
         return table
 
-    def table_interference(self) -> str:
-        ev = self.results.get("eval", {})
-        lines = []
+    def interference_cells(self) -> dict:
+        """Per interference row and condition (``clean``, ``UF`` ... ``FW``, ``word_math``): accuracy and causal
+        effect as (mean, sd) over the interference seeds whose evaluations exist."""
+        import numpy as np
+
+        ev, cells = self.results.get("eval", {}), {}
+        conditions = [("UF", ""), ("MD", ""), ("RP", "-text"), ("FB", "-text"), ("FW", "-text")]
         for method in INTERFERENCE:
-            image, text = ev.get(f"interference-{method}-s0"), ev.get(f"interference-{method}-s0-text")
-            if not image:
+            seeds = [s for s in self.s["interference_seeds"]
+                     if f"interference-{method}-s{s}" in ev and f"interference-{method}-s{s}-text" in ev]
+            if not seeds:
                 continue
-            cells = [f"{image['clean']['accuracy']:.3f}"]
+
+            def stat(values: list[float]) -> tuple[float, float]:
+                return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+            row = {"seeds": len(seeds),
+                   "clean": stat([ev[f"interference-{method}-s{s}"]["clean"]["accuracy"] for s in seeds]),
+                   "word_math": stat([ev[f"interference-{method}-s{s}-text"]["clean"]["accuracy"] for s in seeds])}
+            for code, suffix in conditions:
+                found = [ev[f"interference-{method}-s{s}{suffix}"]["interference"].get(code, {}) for s in seeds]
+                row[code] = {key: stat([_nan(f.get(key)) for f in found]) for key in ("accuracy_perturbed", "causal_effect")}
+            cells[method] = row
+        return cells
+
+    def table_interference(self) -> str:
+        cells, lines = self.interference_cells(), []
+        for method, row in cells.items():
+            text = [f"{row['seeds']}", _pm(row["clean"])]
             for code in ("UF", "MD"):
-                cell = image["interference"].get(code, {})
-                cells.append(f"{cell.get('accuracy_perturbed', float('nan')):.3f} / {cell.get('causal_effect', float('nan')):.3f}")
-            cells.append(f"{text['clean']['accuracy']:.3f}" if text else "")
+                text.append(f"{_pm(row[code]['accuracy_perturbed'])} / {_pm(row[code]['causal_effect'])}")
+            text.append(_pm(row["word_math"]))
             for code in ("RP", "FB", "FW"):
-                cell = (text or {}).get("interference", {}).get(code, {})
-                cells.append(f"{cell.get('accuracy_perturbed', float('nan')):.3f} / {cell.get('causal_effect', float('nan')):.3f}")
-            lines.append(f"| {method.replace('-eps', ', ε = ')} | " + " | ".join(cells) + " |")
-        table = ("| method | easy-vqa original | UF acc / CE | MD acc / CE | word_math original | RP acc / CE | FB acc / CE | "
-                 "FW acc / CE |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(lines))
+                text.append(f"{_pm(row[code]['accuracy_perturbed'])} / {_pm(row[code]['causal_effect'])}")
+            lines.append(f"| {method.replace('-eps', ', ε = ')} | " + " | ".join(text) + " |")
+        table = ("| method | seeds | easy-vqa original | UF acc / CE | MD acc / CE | word_math original | RP acc / CE | "
+                 "FB acc / CE | FW acc / CE |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines))
+        self.results["interference"] = cells
         self.results["table_interference"] = table
         self.save()
-        self.plot_interference(ev)
+        self.plot_interference(cells)
         self.publish()
         print(table, flush=True)
         return table
@@ -475,35 +496,39 @@ class Bench:
         plt.close(figure)
 
 
-    def plot_interference(self, ev: dict) -> None:
-        """Accuracy and causal effect per method under each condition (the interference table, as bars)."""
+    def plot_interference(self, cells: dict) -> None:
+        """Accuracy and causal effect per method under each condition (the interference table as bars: the
+        mean over the interference seeds, and their sd as error bars)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         import numpy as np
 
-        methods = [m for m in INTERFERENCE if f"interference-{m}-s0" in ev]
-        if not methods:
+        if not cells:
             return
-        conditions = [("UF", ""), ("MD", ""), ("RP", "-text"), ("FB", "-text"), ("FW", "-text")]
+        conditions = ("UF", "MD", "RP", "FB", "FW")
         figure, axes = plt.subplots(1, 2, figsize=(12, 4))
-        width = 0.8 / len(methods)
-        for index, method in enumerate(methods):
-            cells = [ev.get(f"interference-{method}-s0{suffix}", {}).get("interference", {}).get(code, {})
-                     for code, suffix in conditions]
-            x = np.arange(len(conditions)) + (index - (len(methods) - 1) / 2) * width
+        width = 0.8 / len(cells)
+        for index, (method, row) in enumerate(cells.items()):
+            x = np.arange(len(conditions)) + (index - (len(cells) - 1) / 2) * width
             for axis, key in zip(axes, ("accuracy_perturbed", "causal_effect")):
-                axis.bar(x, [_nan(cell.get(key)) for cell in cells], width, label=method.replace("-eps", ", ε = "))
+                axis.bar(x, [row[c][key][0] for c in conditions], width, yerr=[row[c][key][1] for c in conditions],
+                         capsize=2, label=f"{method.replace('-eps', ', ε = ')} (n={row['seeds']})")
         for axis, title in zip(axes, ("accuracy under the perturbation", "causal effect (share of answers that change)")):
-            axis.set_xticks(range(len(conditions)), [f"{code}\n({'easy-vqa' if not suffix else 'word_math'})"
-                                                     for code, suffix in conditions], fontsize=8)
+            axis.set_xticks(range(len(conditions)), [f"{code}\n({'easy-vqa' if code in ('UF', 'MD') else 'word_math'})"
+                                                     for code in conditions], fontsize=8)
             axis.set_title(title, fontsize=10)
             axis.set_ylim(0, 1)
         axes[0].legend(fontsize=8)
         figure.tight_layout()
         figure.savefig(self.out / "interference.png", dpi=90)
         plt.close(figure)
+
+
+def _pm(stat: tuple[float, float]) -> str:
+    """``mean ± sd``, three decimals."""
+    return f"{stat[0]:.3f} ± {stat[1]:.3f}"
 
 
 def _nan(value: float | None) -> float:
@@ -525,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one seed, tiny budgets: the pipeline in a few minutes")
     parser.add_argument("--out", type=Path, help="working folder (default: out/robustness_e2e[_quick])")
     parser.add_argument("--seeds", help="comma-separated training seeds (default: 0,1,2; --quick: 0)")
+    parser.add_argument("--interference-seeds", help="the seeds, among --seeds, whose r0 model the interference methods "
+                        "fine-tune (default: 0; each seed adds five models, ~20 min on 2 cores)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="models trained at once, each in its own process (default: 2, or 1 on one core)")
     parser.add_argument("--assemble", action="store_true",
@@ -534,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(QUICK if args.quick else FULL)
     if args.seeds:
         settings["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.interference_seeds:
+        settings["interference_seeds"] = tuple(int(s) for s in args.interference_seeds.split(","))
+    if not set(settings["interference_seeds"]) <= set(settings["seeds"]):
+        parser.error(f"--interference-seeds {settings['interference_seeds']} must be among --seeds {settings['seeds']}")
     out = args.out or REPO / "out" / ("robustness_e2e_quick" if args.quick else "robustness_e2e")
     out.mkdir(parents=True, exist_ok=True)
     import torch
