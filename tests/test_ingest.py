@@ -158,6 +158,28 @@ def test_a_parquet_folder_is_one_shard_per_file_numbered_on_across_a_subset(tmp_
         (("train",), "easy_vqa:easy_vqa:train:", 0, 7), (("test",), "easy_vqa:easy_vqa:test:", 0, 7)]
 
 
+def test_a_large_parquet_file_is_split_into_shards_of_whole_row_groups(tmp_path):
+    """Row groups of 2, 2 and 1 rows with shards of about 3 rows: groups 0-1 (rows 0-3) and group 2 (row 4),
+    numbered on from the subset's earlier file; read one after the other, the shards give source.rows()."""
+    import pyarrow.parquet as pq
+
+    cauldron_parquet(tmp_path / "src" / "ai2d" / "train-00000-of-00002.parquet", [([png()], qa("a", "1"))] * 2)
+    big = cauldron_parquet(tmp_path / "src" / "ai2d" / "train-00001-of-00002.parquet",
+                           [([png()], qa(f"q{i}", str(i))) for i in range(5)])
+    pq.write_table(pq.read_table(big), big, row_group_size=2)
+    source = ParquetFolderSource(tmp_path / "src")
+    shards = source.shards(shard_rows=3)
+    assert [(s.reader.path.name, s.reader.row_groups, s.start, s.count) for s in shards] == [
+        ("train-00000-of-00002.parquet", None, 0, 2),
+        ("train-00001-of-00002.parquet", (0, 1), 2, 4),
+        ("train-00001-of-00002.parquet", (2,), 6, 1)]
+    assert [s.reader.total() for s in shards] == [2, 4, 1]
+    read = [(source.sample_id(raw), raw.texts[0]["user"]) for shard in shards for raw in shard.reader.rows()]
+    assert read == [(source.sample_id(raw), raw.texts[0]["user"]) for raw in source.rows()]
+    assert read[2:] == [(f"cauldron:ai2d:train:{2 + i}", f"q{i}") for i in range(5)]
+    assert len(source.shards()) == 2  # at the default size, each file is one shard
+
+
 def test_a_resumed_ingest_reads_only_unfinished_shards_and_skips_their_done_rows(tmp_path):
     """A shard done to its last row is not handed to the executor again; an unfinished one is handed over
     with the ids done among its own rows, which its worker skips without checking them again."""

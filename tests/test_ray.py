@@ -263,6 +263,31 @@ def test_ingest_of_a_parquet_folder_with_bad_rows_on_ray_commits_the_local_store
     assert again.startswith("0 rows written, 0 rejected, 16 already present")
 
 
+def test_row_group_shards_of_one_file_on_ray_commit_the_local_store(ray_cluster, tmp_path):
+    """A file cut into shards of whole row groups (3 shards here) is read on several Ray tasks and committed
+    as one local read of the file would be."""
+    import pyarrow.parquet as pq
+
+    from engine.ingest.cauldron import ParquetFolderSource
+    from engine.stages.ingest import ingest
+    from engine.store import Store
+
+    class SmallShards(ParquetFolderSource):
+        def shards(self, shard_rows: int = 4):
+            return super().shards(shard_rows)
+
+    path = cauldron_parquet(tmp_path / "src" / "ai2d" / "train-00000-of-00001.parquet",
+                            [([png(10, 10, (i, 9, 9))], qa(f"q{i}", f"a{i}")) for i in range(9)] + [([b"bad"], qa("q", "a"))])
+    pq.write_table(pq.read_table(path), path, row_group_size=4)
+    assert len(SmallShards(tmp_path / "src").shards()) == 3
+    local, remote = Store(tmp_path / "local"), Store(tmp_path / "remote")
+    ingest(local, SmallShards(tmp_path / "src"), batch_rows=3, progress=False)
+    report = ingest(remote, SmallShards(tmp_path / "src"), batch_rows=3, progress=False, executor=RayExecutor(workers=2))
+    assert (report.written, report.rejected) == (9, 1)
+    for table in ("samples", "rejects"):
+        assert committed(remote, table).equals(committed(local, table)), table
+
+
 def test_a_source_error_in_a_ray_ingest_is_one_line(ray_cluster, tmp_path):
     import pyarrow.parquet as pq
 

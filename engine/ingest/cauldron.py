@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from engine.ingest.source import RawRow, Shard, Source
 
 READ_BATCH = 64
+SHARD_ROWS = 16384  # a Parquet file of more rows is split into shards of whole row groups of about this many rows
 
 
 def _records(batch: pa.RecordBatch | pa.Table) -> list[dict | str]:
@@ -107,15 +108,29 @@ class ParquetFolderSource(Source):
     def config(self) -> dict:
         return {"source": self.name, "root": str(self.root), "split": self.split, "files": [str(p) for p, _ in self.files]}
 
-    def shards(self) -> list[Shard]:
-        """One shard per file; a subset's rows number on across its files, so a file's first row is the
-        count of the rows before it in its subset (from the files' footers, without reading rows)."""
+    def shards(self, shard_rows: int = SHARD_ROWS) -> list[Shard]:
+        """A shard per file, or per run of whole row groups of about ``shard_rows`` rows for a larger file
+        (so that one large file among small ones does not hold back the shards after it); a subset's rows
+        number on across its files, so a shard's first row is the count of the rows before it in its subset
+        (from the files' footers, without reading rows)."""
         shards, counters = [], {}
         for path, subset in self.files:
-            start, count = counters.get(subset, 0), pq.ParquetFile(path).metadata.num_rows
-            shards.append(Shard(ParquetFileSource(path, subset, self.split, self.name, start),
-                                f"{self.name}:{subset}:{self.split}:", start, count))
-            counters[subset] = start + count
+            metadata = pq.ParquetFile(path).metadata
+            groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+            runs: list[list[int]] = []
+            filled = shard_rows  # rows in the last run
+            for index, rows in enumerate(groups):
+                if filled >= shard_rows:
+                    runs.append([])
+                    filled = 0
+                runs[-1].append(index)
+                filled += rows
+            whole = len(runs) <= 1
+            for run in runs or [[]]:
+                start, count = counters.get(subset, 0), sum(groups[i] for i in run)
+                reader = ParquetFileSource(path, subset, self.split, self.name, start, None if whole else tuple(run))
+                shards.append(Shard(reader, f"{self.name}:{subset}:{self.split}:", start, count))
+                counters[subset] = start + count
         return shards
 
     def rows(self) -> Iterator[RawRow]:
@@ -124,16 +139,23 @@ class ParquetFolderSource(Source):
 
 
 class ParquetFileSource(Source):
-    """One Parquet file of a ``ParquetFolderSource``: its rows, numbered from ``start`` (a shard)."""
+    """One Parquet file of a ``ParquetFolderSource``, or some of its row groups: their rows, numbered from
+    ``start`` (a shard)."""
 
-    def __init__(self, path: str | Path, subset: str, split: str, name: str, start: int = 0):
+    def __init__(self, path: str | Path, subset: str, split: str, name: str, start: int = 0,
+                 row_groups: tuple[int, ...] | None = None):
         self.path, self.subset, self.split, self.name, self.start = Path(path), subset, split, name, start
+        self.row_groups = row_groups  # None: the whole file
 
     def total(self) -> int:
-        return pq.ParquetFile(self.path).metadata.num_rows
+        metadata = pq.ParquetFile(self.path).metadata
+        if self.row_groups is None:
+            return metadata.num_rows
+        return sum(metadata.row_group(i).num_rows for i in self.row_groups)
 
     def config(self) -> dict:
-        return {"source": self.name, "file": str(self.path), "subset": self.subset, "split": self.split, "start": self.start}
+        return {"source": self.name, "file": str(self.path), "subset": self.subset, "split": self.split, "start": self.start,
+                "row_groups": None if self.row_groups is None else list(self.row_groups)}
 
     def rows(self) -> Iterator[RawRow]:
         handle = pq.ParquetFile(self.path)
@@ -142,7 +164,7 @@ class ParquetFileSource(Source):
         if missing:
             raise ValueError(f"{self.path}: not in the Cauldron schema, missing column(s) {sorted(missing)}")
         row = self.start
-        for batch in handle.iter_batches(batch_size=READ_BATCH, columns=wanted):
+        for batch in handle.iter_batches(batch_size=READ_BATCH, columns=wanted, row_groups=self.row_groups):
             yield from _rows_of(batch, self.subset, self.split, row)
             row += batch.num_rows
 
